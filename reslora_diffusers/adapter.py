@@ -1,0 +1,303 @@
+"""`apply_reslora`: patches ResLoRA blocks into a diffusers UNet (attention processors) and a CLIP text encoder.
+
+Block names are `<component>.<module path>`: `unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`,
+`text_encoder.encoder.layers.0.self_attn.q_proj` (transformers ≥ 5 module paths, no `text_model.`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+from .blocks import ForwardPassTracker, ResLoRABlock
+from .chains import ProbedLayer, build_chains, predecessors, probe_execution_order
+from .config import ResLoRAConfig
+from .delta_lora import DeltaLoRA
+from .processor import ResLoRAAttnProcessor
+
+COMPONENTS = ("unet", "text_encoder")
+DEFAULT_TEXT_LENGTH = 77
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter (its chains, layers or shapes) does not fit the base model it is applied to."""
+
+
+def _matches(module_path: str, target: str) -> bool:
+    return module_path == target or module_path.endswith("." + target)
+
+
+def _unet_targets(unet: nn.Module, targets: tuple[str, ...]) -> dict[str, tuple[str, str, nn.Linear]]:
+    """{block name: (attention path, target, linear)} for every target projection of every diffusers Attention."""
+    found = {}
+    for path, module in unet.named_modules():
+        if not isinstance(module, Attention):
+            continue
+        for target in targets:
+            try:
+                linear = module.get_submodule(target)
+            except AttributeError:
+                continue
+            if isinstance(linear, nn.Linear):
+                found[f"unet.{path}.{target}"] = (path, target, linear)
+    return found
+
+
+def _text_encoder_targets(text_encoder: nn.Module, targets: tuple[str, ...]) -> dict[str, tuple[str, nn.Linear]]:
+    found = {}
+    for path, module in text_encoder.named_modules():
+        if isinstance(module, nn.Linear):
+            target = next((t for t in targets if _matches(path, t)), None)
+            if target is not None:
+                found[f"text_encoder.{path}"] = (target, module)
+    return found
+
+
+def _probe_unet(unet: nn.Module, text_length: int) -> None:
+    config = unet.config
+    if not isinstance(config.cross_attention_dim, int):
+        raise ValueError("only UNets with one integer cross_attention_dim (Stable Diffusion 1.x / 2.x) are supported")
+    sample_size = config.sample_size if isinstance(config.sample_size, int) else max(config.sample_size)
+    # The smallest latent that keeps every resolution level distinct is enough to see the execution order.
+    size = min(sample_size, 2 ** len(config.down_block_types))
+    param = next(unet.parameters())
+    sample = torch.zeros(1, config.in_channels, size, size, device=param.device, dtype=param.dtype)
+    context = torch.zeros(1, text_length, config.cross_attention_dim, device=param.device, dtype=param.dtype)
+    unet(sample, torch.ones(1, device=param.device, dtype=torch.long), encoder_hidden_states=context)
+
+
+def _probe_text_encoder(text_encoder: nn.Module) -> None:
+    device = next(text_encoder.parameters()).device
+    length = text_encoder.config.max_position_embeddings
+    text_encoder(torch.zeros(1, length, dtype=torch.long, device=device))
+
+
+class ResLoRAAdapter:
+    """The handle `apply_reslora` returns: the blocks, their chains, and the adapter state.
+
+    `blocks` maps block names to blocks, in forward-execution order per component; `chains` maps each
+    component to its chains (lists of block names, first to run first).
+    """
+
+    def __init__(self, config: ResLoRAConfig, unet: nn.Module, text_encoder: nn.Module | None) -> None:
+        self.config = config
+        self.unet, self.text_encoder = unet, text_encoder
+        self.blocks: dict[str, ResLoRABlock] = {}
+        self.layers: dict[str, ProbedLayer] = {}
+        self.chains: dict[str, list[list[str]]] = {}
+        self.base_layers: dict[str, nn.Linear] = {}
+        self.delta_lora: DeltaLoRA | None = None
+        self._undo: list = []
+
+    # -- inspection ---------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for block in self.blocks.values() for p in (block.lora_A, block.lora_B)]
+
+    def named_blocks(self, component: str | None = None) -> Iterator[tuple[str, ResLoRABlock]]:
+        for name, block in self.blocks.items():
+            if component is None or name.split(".", 1)[0] == component:
+                yield name, block
+
+    def input_norm_means(self) -> dict[str, float | None]:
+        return {name: block.mean_input_norm() for name, block in self.blocks.items()}
+
+    def __repr__(self) -> str:
+        counts = {c: sum(1 for _ in self.named_blocks(c)) for c in COMPONENTS}
+        return f"ResLoRAAdapter(res_type={self.config.res_type!r}, rank={self.config.rank}, blocks={counts})"
+
+    # -- state --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the adapter: factors, input-norm windows and the Delta-LoRA step-K factors."""
+        tensors = {}
+        for name, block in self.blocks.items():
+            tensors[f"{name}.lora_A"] = block.lora_A.detach()
+            tensors[f"{name}.lora_B"] = block.lora_B.detach()
+            tensors[f"{name}.input_norms"] = block.input_norms
+            tensors[f"{name}.input_norm_count"] = block.input_norm_count
+        if self.delta_lora is not None:
+            tensors.update(self.delta_lora.state_tensors())
+        return tensors
+
+    @torch.no_grad()
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], move_delta_lora_weights: bool = True) -> None:
+        """Loads tensors from `state_dict()`; checks that every block's tensors are there with the right shapes.
+
+        With Delta-LoRA, `move_delta_lora_weights` brings the frozen weights of a fresh base model to W_T.
+        """
+        for name, block in self.blocks.items():
+            for attr in ("lora_A", "lora_B", "input_norms", "input_norm_count"):
+                key = f"{name}.{attr}"
+                if key not in tensors:
+                    raise AdapterMismatchError(f"the adapter has no tensor {key!r}: it was trained for another model")
+                target = getattr(block, attr)
+                if tensors[key].shape != target.shape:
+                    raise AdapterMismatchError(
+                        f"{key}: adapter shape {tuple(tensors[key].shape)} does not fit this model's {tuple(target.shape)}"
+                    )
+                target.copy_(tensors[key])
+        extra = {k.rsplit(".", 1)[0] for k in tensors if k.endswith(".lora_A")} - set(self.blocks)
+        if extra:
+            raise AdapterMismatchError(f"the adapter has blocks this model lacks, e.g. {sorted(extra)[0]!r}")
+        if self.delta_lora is not None:
+            self.delta_lora.restore(tensors, move_weights=move_delta_lora_weights)
+
+    # -- training hooks -----------------------------------------------------------------------------
+    def step(self, global_step: int) -> None:
+        """Call after every `optimizer.step()`: runs Delta-LoRA's weight move (nothing for other methods)."""
+        if self.delta_lora is not None:
+            self.delta_lora.step(global_step)
+
+    def remove(self) -> None:
+        """Takes every block, processor and hook out again; the base model is as before (Delta-LoRA moves stay)."""
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
+        self.blocks.clear()
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    # transformers ≥ 5 renamed the flag (the old name warns); diffusers keeps `is_gradient_checkpointing`.
+    for flag in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), flag):
+            return bool(getattr(model, flag))
+    return False
+
+
+def _track_forward_passes(model: nn.Module, tracker: ForwardPassTracker, undo: list) -> None:
+    def before(_module, _args):
+        tracker.begin_pass()
+
+    def after(module, _args, _output):
+        # A gradient-checkpointing recompute still needs this pass's cached inputs during backward.
+        if not (torch.is_grad_enabled() and _checkpointing(module)):
+            tracker.release_caches()
+
+    handles = [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
+    undo.append(lambda: [h.remove() for h in handles])
+
+
+def _new_block(name: str, linear: nn.Linear, config: ResLoRAConfig, tracker: ForwardPassTracker) -> ResLoRABlock:
+    return ResLoRABlock(
+        name,
+        linear.in_features,
+        linear.out_features,
+        rank=config.rank,
+        scaling=config.scaling,
+        res_type=config.res_type,
+        dropout=config.lora_dropout,
+        input_norm_window=config.input_norm_window,
+        tracker=tracker,
+        device=linear.weight.device,
+    )
+
+
+def _patch_unet(adapter: ResLoRAAdapter, unet: nn.Module, targets: dict, tracker: ForwardPassTracker) -> None:
+    by_attention: dict[str, dict[str, ResLoRABlock]] = {}
+    for name, (attention_path, target, linear) in targets.items():
+        adapter.blocks[name] = _new_block(name, linear, adapter.config, tracker)
+        adapter.base_layers[name] = linear
+        by_attention.setdefault(attention_path, {})[target] = adapter.blocks[name]
+    original = dict(unet.attn_processors)
+    processors = {}
+    for key, processor in original.items():
+        attention_path = key.removesuffix(".processor")
+        blocks = by_attention.get(attention_path)
+        processors[key] = ResLoRAAttnProcessor(blocks) if blocks else processor
+    unet.set_attn_processor(processors)
+    adapter._undo.append(lambda: unet.set_attn_processor(original))
+
+
+def _patch_text_encoder(adapter: ResLoRAAdapter, targets: dict, tracker: ForwardPassTracker) -> None:
+    def add_branch(linear, args, output):
+        return output + linear.reslora(args[0])
+
+    for name, (_target, linear) in targets.items():
+        block = _new_block(name, linear, adapter.config, tracker)
+        adapter.blocks[name] = block
+        adapter.base_layers[name] = linear
+        linear.add_module("reslora", block)
+        handle = linear.register_forward_hook(add_branch)
+
+        def undo(linear=linear, handle=handle):
+            handle.remove()
+            del linear.reslora
+
+        adapter._undo.append(undo)
+
+
+def apply_reslora(
+    unet: nn.Module,
+    config: ResLoRAConfig,
+    text_encoder: nn.Module | None = None,
+    chains: dict[str, list[list[str]]] | None = None,
+) -> ResLoRAAdapter:
+    """Freezes `unet` (and `text_encoder`), adds a ResLoRA block to every target projection, links the chains.
+
+    Chains come from one probe forward pass of each model; when `chains` is given (a saved adapter), the
+    probe must agree with it, else `AdapterMismatchError`. Call this after moving the base to its device
+    and dtype: blocks are created in fp32 beside their layer, and `model.to(dtype)` later would cast them.
+    """
+    adapter = ResLoRAAdapter(config, unet, text_encoder)
+    unet_targets = _unet_targets(unet, config.unet_targets)
+    text_targets = {}
+    if text_encoder is not None:
+        text_targets = _text_encoder_targets(text_encoder, config.text_encoder_targets)
+    if not unet_targets and not text_targets:
+        raise ValueError(f"no adapter targets found: unet_targets={config.unet_targets}, text_encoder_targets={config.text_encoder_targets}")
+
+    text_length = text_encoder.config.max_position_embeddings if text_encoder is not None else DEFAULT_TEXT_LENGTH
+    probed = {}
+    if unet_targets:
+        layers = {name: (target, linear) for name, (_path, target, linear) in unet_targets.items()}
+        probed["unet"] = probe_execution_order(layers, lambda: _probe_unet(unet, text_length))
+    if text_targets:
+        probed["text_encoder"] = probe_execution_order(text_targets, lambda: _probe_text_encoder(text_encoder))
+
+    for component, layers in probed.items():
+        adapter.layers.update({layer.name: layer for layer in layers})
+        adapter.chains[component] = build_chains(layers, config.res_type)
+    if chains is not None:
+        _check_saved_chains(adapter.chains, chains)
+    for model in (unet, text_encoder):
+        if model is not None:
+            model.requires_grad_(False)
+
+    # Blocks are created in execution order, so `adapter.blocks` iterates in that order.
+    if "unet" in probed:
+        tracker = ForwardPassTracker()
+        _patch_unet(adapter, unet, {layer.name: unet_targets[layer.name] for layer in probed["unet"]}, tracker)
+        _track_forward_passes(unet, tracker, adapter._undo)
+    if "text_encoder" in probed:
+        tracker = ForwardPassTracker()
+        _patch_text_encoder(adapter, {layer.name: text_targets[layer.name] for layer in probed["text_encoder"]}, tracker)
+        _track_forward_passes(text_encoder, tracker, adapter._undo)
+    for component_chains in adapter.chains.values():
+        for chain in component_chains:
+            for position, name in enumerate(chain):
+                earlier = predecessors(chain, position, config.res_type, config.pre_num)
+                adapter.blocks[name].link([adapter.blocks[n] for n in earlier])
+
+    if config.delta_lora:
+        weights = {name: layer.weight for name, layer in adapter.base_layers.items()}
+        adapter.delta_lora = DeltaLoRA(adapter.blocks, weights, config.delta_lora_ratio, config.delta_lora_start)
+    return adapter
+
+
+def _check_saved_chains(probed: dict[str, list[list[str]]], saved: dict[str, list[list[str]]]) -> None:
+    for component in sorted(set(probed) | set(saved)):
+        if component not in probed:
+            what = "a text encoder" if component == "text_encoder" else "a UNet"
+            raise AdapterMismatchError(f"the adapter has {component} blocks: pass {what} to load it")
+        if component not in saved:
+            raise AdapterMismatchError(f"the adapter has no {component} blocks, but this model's {component} has targets")
+        if sorted(map(tuple, probed[component])) != sorted(map(tuple, saved[component])):
+            ours = sum(len(c) for c in probed[component])
+            theirs = sum(len(c) for c in saved[component])
+            raise AdapterMismatchError(
+                f"the adapter's {component} chains do not fit this model ({theirs} adapter blocks in "
+                f"{len(saved[component])} chains vs {ours} layers in {len(probed[component])} chains here): "
+                "it was trained on a different base model"
+            )

@@ -1,0 +1,167 @@
+"""`ResLoRABlock`: one LoRA adapter on one frozen linear layer, with its ResLoRA shortcut (SPEC §1-2).
+
+This file is the only place the shortcut math lives. A block returns the adapter branch only; the
+caller (the UNet attention processor or the text-encoder hook) adds it to the frozen layer's output:
+
+    none: s · B_n A_n x_n
+    is:   s · B_n A_n (x_n + x_{n-1})
+    bs:   s · (Σ_{k=0..m} B_{n-k} A_{n-k}) x_n           (one concatenated low-rank product)
+    ms:   s · B_n (Σ_{k=0..m} A_{n-k} x_{n-k})
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ForwardPassTracker:
+    """Numbers the forward passes of one model, so a block can tell this pass's cached tensors from stale ones.
+
+    A gradient-checkpointing recompute replays part of a pass during backward without starting a new one,
+    so it reuses (and re-writes, with equal values) the caches of the pass it belongs to.
+    """
+
+    def __init__(self) -> None:
+        self.pass_id = 0
+        self.blocks: list[ResLoRABlock] = []
+
+    def begin_pass(self) -> None:
+        self.pass_id += 1
+        self.release_caches()
+
+    def release_caches(self) -> None:
+        for block in self.blocks:
+            block.cached = None
+
+
+class ResLoRABlock(nn.Module):
+    """LoRA factors A (Kaiming-uniform) and B (zeros) for one linear layer, linked to earlier blocks of its chain.
+
+    `previous` holds the earlier blocks of the chain that take part, nearest first (n-1, n-2, ...). They are
+    plain references, not submodules: each block is registered once, in its own layer.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        in_features: int,
+        out_features: int,
+        *,
+        rank: int,
+        scaling: float,
+        res_type: str,
+        dropout: float,
+        input_norm_window: int,
+        tracker: ForwardPassTracker,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.scaling, self.res_type = rank, scaling, res_type
+        # Adapters are always fp32, whatever the base dtype: fp16 factors cannot be trained with a GradScaler.
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Sliding window of the Frobenius norm of this block's input, for the input-based merge (SPEC §2).
+        self.register_buffer("input_norms", torch.zeros(input_norm_window, device=device))
+        self.register_buffer("input_norm_count", torch.zeros((), dtype=torch.long, device=device))
+        self.previous: list[ResLoRABlock] = []
+        self.feeds_later_blocks = False
+        self.tracker = tracker
+        tracker.blocks.append(self)
+        # (pass id, tensor) that later blocks of the chain read in the same pass: the raw input for `is`,
+        # the down-projection A·x (rank r, much smaller than x) for `ms`.
+        self.cached: tuple[int, torch.Tensor] | None = None
+        self._norm_pass_id = -1
+
+    def extra_repr(self) -> str:
+        return f"{self.name}: in={self.in_features}, out={self.out_features}, r={self.rank}, res_type={self.res_type}"
+
+    def link(self, previous: list[ResLoRABlock]) -> None:
+        for block in previous:
+            if (block.in_features, block.out_features) != (self.in_features, self.out_features):
+                raise ValueError(f"cannot link {self.name} to {block.name}: their weight shapes differ")
+            block.feeds_later_blocks = True
+        self.previous = list(previous)
+
+    def _cached_from(self, block: ResLoRABlock, shape: torch.Size) -> torch.Tensor:
+        entry = block.cached
+        if entry is None or entry[0] != self.tracker.pass_id:
+            raise RuntimeError(
+                f"ResLoRA block {self.name} needs the input of {block.name} from the same forward pass, "
+                "but that block did not run before it; the chains do not match this model's execution order"
+            )
+        tensor = entry[1]
+        if tensor.shape != shape:
+            raise RuntimeError(
+                f"ResLoRA shortcut {block.name} -> {self.name}: shapes {tuple(tensor.shape)} and {tuple(shape)} differ "
+                "at run time (chains were built for another input layout)"
+            )
+        return tensor
+
+    def _record_input_norm(self, x: torch.Tensor) -> None:
+        # Once per forward pass (not again in a checkpoint recompute), without a host-device sync.
+        if self._norm_pass_id == self.tracker.pass_id:
+            return
+        self._norm_pass_id = self.tracker.pass_id
+        with torch.no_grad():
+            slot = (self.input_norm_count % self.input_norms.numel()).view(1)
+            self.input_norms.index_copy_(0, slot, x.detach().float().norm().view(1))
+            self.input_norm_count += 1
+
+    def mean_input_norm(self) -> float | None:
+        """f_n of SPEC §2: the mean of the window, or None if the block never saw a training batch."""
+        count = int(self.input_norm_count)
+        if count == 0:
+            return None
+        return float(self.input_norms[: min(count, self.input_norms.numel())].mean())
+
+    def chain_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B*, A*) of the effective update: [B_n … B_{n-m}], [A_n; …; A_{n-m}] for `bs`, (B, A) otherwise."""
+        if self.res_type == "bs" and self.previous:
+            blocks = [self, *self.previous]
+            return torch.cat([b.lora_B for b in blocks], dim=1), torch.cat([b.lora_A for b in blocks], dim=0)
+        return self.lora_B, self.lora_A
+
+    def delta_weight(self) -> torch.Tensor:
+        """The exact weight change s·B*A* of `none` and `bs`; `is` / `ms` need the merge's α (see merge.py)."""
+        if self.res_type in ("is", "ms") and self.previous:
+            raise ValueError(f"{self.name}: res_type {self.res_type!r} has no exact weight change; use merge_adapter")
+        up, down = self.chain_factors()
+        return self.scaling * (up @ down)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled():
+            self._record_input_norm(x)
+        pass_id = self.tracker.pass_id
+        dropped = self.dropout(x.to(self.lora_A.dtype))
+
+        if self.res_type == "bs":
+            up, down = self.chain_factors()
+            out = F.linear(F.linear(dropped, down), up)
+        elif self.res_type == "is":
+            hidden = F.linear(dropped, self.lora_A)
+            if self.previous:
+                previous_input = self._cached_from(self.previous[0], x.shape)
+                # A_n x_n + A_n x_{n-1}: two small products instead of a new full-size sum kept for backward.
+                hidden = hidden + F.linear(self.dropout(previous_input.to(self.lora_A.dtype)), self.lora_A)
+            if self.feeds_later_blocks:
+                self.cached = (pass_id, x)
+            out = F.linear(hidden, self.lora_B)
+        elif self.res_type == "ms":
+            own = F.linear(dropped, self.lora_A)
+            hidden = own
+            for block in self.previous:
+                hidden = hidden + self._cached_from(block, own.shape)
+            if self.feeds_later_blocks:
+                self.cached = (pass_id, own)
+            out = F.linear(hidden, self.lora_B)
+        else:
+            out = F.linear(F.linear(dropped, self.lora_A), self.lora_B)
+        return (out * self.scaling).to(x.dtype)

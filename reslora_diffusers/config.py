@@ -1,0 +1,99 @@
+"""`ResLoRAConfig`: every setting of an adapter, validated on construction and saved as JSON beside the weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+ResType = Literal["none", "is", "bs", "ms"]
+RES_TYPES: tuple[str, ...] = get_args(ResType)
+
+DEFAULT_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+DEFAULT_TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+@dataclass(frozen=True)
+class ResLoRAConfig:
+    res_type: ResType = field(
+        default="is",
+        metadata={"help": "'none' = plain LoRA; 'is' input shortcut, 'bs' block shortcut, 'ms' middle shortcut (SPEC §2)."},
+    )
+    pre_num: int = field(
+        default=-1,
+        metadata={"help": "How many previous blocks of a chain take part (m); -1 = all previous blocks. 'is' always uses one."},
+    )
+    rank: int = field(default=8, metadata={"help": "LoRA rank r of every block."})
+    lora_alpha: float = field(default=8.0, metadata={"help": "LoRA alpha; the branch is scaled by lora_alpha / rank."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch input (forced to 0 with Delta-LoRA)."})
+    unet_targets: tuple[str, ...] = field(
+        default=DEFAULT_UNET_TARGETS,
+        metadata={"help": "Attention projections of the UNet that get an adapter (names inside diffusers' Attention)."},
+    )
+    text_encoder_targets: tuple[str, ...] = field(
+        default=DEFAULT_TEXT_ENCODER_TARGETS,
+        metadata={"help": "Attention projections of the CLIP text encoder that get an adapter."},
+    )
+    delta_lora_ratio: float = field(
+        default=0.0,
+        metadata={"help": "Delta-LoRA lambda: after step K the frozen W moves by lambda * s * (B'A' - BA). 0 = off."},
+    )
+    delta_lora_start: int = field(default=500, metadata={"help": "Delta-LoRA K: the optimizer step after which W starts moving."})
+    input_norm_window: int = field(
+        default=100,
+        metadata={"help": "Sliding window of per-block input Frobenius norms kept for the input-based merge."},
+    )
+
+    def __post_init__(self) -> None:
+        # Lists from JSON or argparse become tuples, so the frozen config stays hashable and comparable.
+        object.__setattr__(self, "unet_targets", tuple(self.unet_targets))
+        object.__setattr__(self, "text_encoder_targets", tuple(self.text_encoder_targets))
+        if self.res_type not in RES_TYPES:
+            raise ValueError(f"res_type must be one of {RES_TYPES}, got {self.res_type!r}")
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if not isinstance(self.pre_num, int) or self.pre_num < -1:
+            raise ValueError(f"pre_num must be -1 (all previous blocks) or >= 0, got {self.pre_num!r}")
+        if not self.unet_targets and not self.text_encoder_targets:
+            raise ValueError("at least one of unet_targets / text_encoder_targets must be non-empty")
+        if self.delta_lora_ratio < 0:
+            raise ValueError(f"delta_lora_ratio must be >= 0, got {self.delta_lora_ratio!r}")
+        if self.delta_lora_start < 0:
+            raise ValueError(f"delta_lora_start must be >= 0, got {self.delta_lora_start!r}")
+        if self.delta_lora and self.res_type != "none":
+            raise ValueError("Delta-LoRA (delta_lora_ratio > 0) is defined for plain LoRA only: use res_type='none'")
+        if self.delta_lora and self.lora_dropout:
+            raise ValueError("Delta-LoRA removes dropout from the LoRA branch: set lora_dropout=0")
+        if self.input_norm_window <= 0:
+            raise ValueError(f"input_norm_window must be > 0, got {self.input_norm_window!r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.rank
+
+    @property
+    def delta_lora(self) -> bool:
+        return self.delta_lora_ratio > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ResLoRAConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ResLoRAConfig fields: {unknown}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ResLoRAConfig":
+        return cls.from_dict(json.loads(text))

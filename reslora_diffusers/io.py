@@ -1,0 +1,115 @@
+"""The native adapter format: `reslora_adapter.safetensors` (tensors) + `reslora_config.json` (config, chains, layers).
+
+Only safetensors is read, never a pickle. Files are written atomically (temp file, then rename), so a crash
+never leaves a half-written adapter that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .adapter import AdapterMismatchError, ResLoRAAdapter, apply_reslora
+from .config import ResLoRAConfig
+
+WEIGHTS_NAME = "reslora_adapter.safetensors"
+CONFIG_NAME = "reslora_config.json"
+FORMAT_VERSION = 1
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Calls `write(temp_path)` for a temp file beside `path`, then renames it onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def adapter_metadata(adapter: ResLoRAAdapter) -> dict[str, Any]:
+    """What `reslora_config.json` holds: everything but tensors, readable by people and by `load_adapter`."""
+    return {
+        "format": "reslora_diffusers",
+        "format_version": FORMAT_VERSION,
+        "config": adapter.config.to_dict(),
+        "chains": adapter.chains,
+        "layers": {name: layer.to_dict() for name, layer in adapter.layers.items()},
+        "input_norm_means": adapter.input_norm_means(),
+        "delta_lora_started": bool(adapter.delta_lora and adapter.delta_lora.started),
+    }
+
+
+def save_adapter(adapter: ResLoRAAdapter, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """Writes the adapter into `directory` (created if needed); `extra` is stored in the JSON under "extra"."""
+    directory = Path(directory)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter.state_dict().items()}
+    metadata = adapter_metadata(adapter)
+    if extra:
+        metadata["extra"] = extra
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(metadata, indent=2))
+    return directory
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Reads (metadata, tensors) of a saved adapter, with one clear error for anything missing or corrupt."""
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter folder not found: {directory}")
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{directory} is not a ResLoRA adapter folder: {path.name} is missing")
+    try:
+        metadata = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path} is not valid JSON: {error}") from None
+    if metadata.get("format") != "reslora_diffusers":
+        raise ValueError(f"{config_path} is not a reslora_diffusers adapter config")
+    if metadata.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{config_path} has format version {metadata['format_version']}; this library reads ≤ {FORMAT_VERSION}")
+    try:
+        tensors = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{weights_path} is not a readable safetensors file: {error}") from None
+    return metadata, tensors
+
+
+def load_adapter(
+    unet: nn.Module, directory: str | os.PathLike, text_encoder: nn.Module | None = None
+) -> ResLoRAAdapter:
+    """Restores a saved adapter onto a fresh base model; refuses an adapter whose layers or chains don't fit.
+
+    A `text_encoder` is needed exactly when the adapter has text-encoder blocks; one passed for an adapter
+    without them is left untouched.
+    """
+    metadata, tensors = read_adapter(directory)
+    config = ResLoRAConfig.from_dict(metadata["config"])
+    chains = metadata["chains"]
+    if "text_encoder" not in chains:
+        text_encoder = None
+    adapter = apply_reslora(unet, config, text_encoder=text_encoder, chains=chains)
+    try:
+        adapter.load_state_dict(tensors)
+    except AdapterMismatchError:
+        adapter.remove()
+        raise
+    return adapter

@@ -1,0 +1,320 @@
+"""The adapter core (issue 2): shortcut math against the SPEC formulas, chains, checkpointing, dtypes, save/load."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from reslora_diffusers import AdapterMismatchError, ResLoRAConfig, apply_reslora, load_adapter, save_adapter
+from reslora_diffusers.processor import ResLoRAAttnProcessor
+from tiny_models import (
+    perturb_adapter,
+    sd15_shaped_unet,
+    tiny_text_encoder,
+    tiny_unet,
+    token_ids,
+    unet_inputs,
+)
+
+RES_TYPES = ["none", "is", "bs", "ms"]
+VARIANTS = [(r, p) for r in RES_TYPES for p in (0, 1, -1)]
+
+
+def run_unet(unet, inputs=None):
+    return unet(**(inputs or unet_inputs())).sample
+
+
+def run_text_encoder(text_encoder, ids=None):
+    return text_encoder(ids if ids is not None else token_ids()).last_hidden_state
+
+
+@pytest.mark.parametrize("res_type", RES_TYPES)
+def test_zero_init_keeps_base_output_and_perturbing_changes_it(res_type):
+    unet, text_encoder = tiny_unet(), tiny_text_encoder()
+    base_unet, base_text = run_unet(unet).detach(), run_text_encoder(text_encoder).detach()
+    adapter = apply_reslora(unet, ResLoRAConfig(res_type=res_type, rank=4), text_encoder=text_encoder)
+    assert len(list(adapter.named_blocks("unet"))) == 56 and len(list(adapter.named_blocks("text_encoder"))) == 16
+    torch.testing.assert_close(run_unet(unet), base_unet, rtol=0, atol=0)
+    torch.testing.assert_close(run_text_encoder(text_encoder), base_text, rtol=0, atol=0)
+    perturb_adapter(adapter)
+    assert (run_unet(unet) - base_unet).abs().max() > 1e-3
+    assert (run_text_encoder(text_encoder) - base_text).abs().max() > 1e-3
+
+
+def test_plain_lora_equals_peft_lora():
+    config = ResLoRAConfig(res_type="none", rank=4, lora_alpha=8)
+    ours = tiny_unet()
+    adapter = apply_reslora(ours, config)
+    perturb_adapter(adapter)
+    theirs = tiny_unet()
+    theirs.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=list(config.unet_targets), init_lora_weights=False))
+    modules = dict(theirs.named_modules())
+    with torch.no_grad():
+        for name, block in adapter.blocks.items():
+            layer = modules[name.removeprefix("unet.")]
+            layer.lora_A["default"].weight.copy_(block.lora_A)
+            layer.lora_B["default"].weight.copy_(block.lora_B)
+    inputs = unet_inputs()
+    difference = (run_unet(ours, inputs) - run_unet(theirs, inputs)).abs().max()
+    assert difference <= 1e-5
+    assert (run_unet(theirs, inputs) - run_unet(tiny_unet(), inputs)).abs().max() > 1e-3  # the LoRA did something
+
+
+def install_reference(adapter):
+    """Removes the adapter and re-implements SPEC §2 literally with forward hooks on the frozen layers.
+
+    Uses the adapter's own parameters, so autograd gradients of both implementations can be compared.
+    """
+    config = adapter.config
+    factors = {name: (block.lora_A, block.lora_B) for name, block in adapter.blocks.items()}
+    layers, chains = dict(adapter.base_layers), adapter.chains
+    adapter.remove()
+    position = {name: (chain, n) for chains_ in chains.values() for chain in chains_ for n, name in enumerate(chain)}
+    seen = {}
+
+    def reference(name, x):
+        chain, n = position[name]
+        m = n if config.pre_num == -1 else min(config.pre_num, n)
+        A, B = factors[name]
+        if config.res_type == "none" or m == 0:
+            return x @ A.T @ B.T
+        if config.res_type == "is":
+            return (x + seen[chain[n - 1]]) @ A.T @ B.T
+        if config.res_type == "bs":
+            return sum(x @ factors[chain[n - k]][0].T @ factors[chain[n - k]][1].T for k in range(m + 1))
+        return sum(seen[chain[n - k]] @ factors[chain[n - k]][0].T for k in range(m + 1)) @ B.T
+
+    def make_hook(name):
+        def hook(_module, args, output):
+            seen[name] = args[0]
+            return output + config.scaling * reference(name, args[0])
+
+        return hook
+
+    for name, layer in layers.items():
+        layer.register_forward_hook(make_hook(name))
+    return [p for pair in factors.values() for p in pair]
+
+
+@pytest.mark.parametrize("res_type,pre_num", VARIANTS)
+def test_forward_and_gradients_equal_reference_formulas(res_type, pre_num):
+    unet, text_encoder = tiny_unet(), tiny_text_encoder()
+    adapter = apply_reslora(unet, ResLoRAConfig(res_type=res_type, pre_num=pre_num, rank=4), text_encoder)
+    perturb_adapter(adapter)
+    params = adapter.trainable_parameters()
+
+    def loss_and_grads():
+        embedding = run_text_encoder(text_encoder)
+        inputs = unet_inputs()
+        inputs["encoder_hidden_states"] = embedding
+        loss = run_unet(unet, inputs).square().mean()
+        return loss, torch.autograd.grad(loss, params)
+
+    loss, grads = loss_and_grads()
+    assert install_reference(adapter) == params
+    ref_loss, ref_grads = loss_and_grads()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for grad, ref_grad in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
+    assert sum(g.abs().sum() for g in grads) > 0
+
+
+def count_block_calls(adapter):
+    calls = []
+    for block in adapter.blocks.values():
+        block.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("res_type", RES_TYPES)
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(res_type):
+    results = []
+    for checkpointing in (False, True):
+        unet, text_encoder = tiny_unet(), tiny_text_encoder()
+        adapter = apply_reslora(unet, ResLoRAConfig(res_type=res_type, pre_num=-1, rank=4), text_encoder)
+        perturb_adapter(adapter)
+        unet.train(), text_encoder.train()
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+            text_encoder.activation_checkpointing_enable()
+        calls = count_block_calls(adapter)
+        inputs = unet_inputs()
+        inputs["encoder_hidden_states"] = run_text_encoder(text_encoder)
+        loss = run_unet(unet, inputs).square().mean()
+        loss.backward()
+        # With checkpointing, blocks run again during backward: proof that the recompute really happened.
+        assert (len(calls) > len(adapter.blocks)) == checkpointing
+        results.append((loss.detach(), [p.grad.clone() for p in adapter.trainable_parameters()]))
+    (loss, grads), (ckpt_loss, ckpt_grads) = results
+    torch.testing.assert_close(loss, ckpt_loss, rtol=1e-6, atol=1e-7)
+    for grad, ckpt_grad in zip(grads, ckpt_grads):
+        torch.testing.assert_close(grad, ckpt_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_chains_follow_execution_order_and_shapes_on_an_sd15_shaped_unet():
+    for res_type in ("is", "ms", "bs"):
+        unet, text_encoder = sd15_shaped_unet(), tiny_text_encoder()
+        adapter = apply_reslora(unet, ResLoRAConfig(res_type=res_type, rank=2), text_encoder)
+        order = list(adapter.layers)  # probe (execution) order
+        stage = lambda name: next(i for i, s in enumerate(("down_blocks", "mid_block", "up_blocks")) if s in name)
+        assert [stage(n) for n in order if n.startswith("unet.")] == sorted(stage(n) for n in order if n.startswith("unet."))
+        for chain in adapter.chains["unet"]:
+            assert [order.index(n) for n in chain] == sorted(order.index(n) for n in chain)
+            shapes = {(adapter.layers[n].in_features, adapter.layers[n].out_features) for n in chain}
+            assert len(shapes) == 1
+            if res_type in ("is", "ms"):
+                assert len({adapter.layers[n].input_shape for n in chain}) == 1
+        # SD-1.5's trap: the 3rd down level and the mid block share weight shapes, not token counts.
+        q_chain = next(c for c in adapter.chains["unet"] if "unet.down_blocks.2.attentions.0.transformer_blocks.0.attn1.to_q" in c)
+        has_mid = any("mid_block" in n for n in q_chain)
+        assert has_mid == (res_type == "bs")
+        assert any("up_blocks.1" in n for n in q_chain)
+        # Cross-attention keys all read the text embedding; the mid block's are linked only by weight shape.
+        mid_block = adapter.blocks["unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q"]
+        assert bool(mid_block.previous) == (res_type == "bs")
+        # Text encoder: one chain per projection, layer i-1 -> i.
+        for target in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            chain = next(c for c in adapter.chains["text_encoder"] if c[0].endswith(target))
+            assert chain == [f"text_encoder.encoder.layers.{i}.self_attn.{target}" for i in range(4)]
+            assert adapter.blocks[chain[2]].previous[0] is adapter.blocks[chain[1]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("res_type", ["none", "is", "ms"])
+def test_low_precision_bases_train_with_fp32_adapters(dtype, res_type):
+    unet = tiny_unet(dtype=dtype)
+    adapter = apply_reslora(unet, ResLoRAConfig(res_type=res_type, rank=4))
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in adapter.trainable_parameters())
+    assert not any(p.requires_grad for n, p in unet.named_parameters() if "processor" not in n)
+    optimizer = torch.optim.AdamW(adapter.trainable_parameters(), lr=1e-2)
+    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in unet_inputs().items()}
+    losses = []
+    for _ in range(3):
+        loss = run_unet(unet, inputs).float().square().mean()
+        loss.backward()
+        optimizer.step(), optimizer.zero_grad()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    assert all(p.dtype == torch.float32 for p in adapter.trainable_parameters())
+
+
+@pytest.mark.parametrize("res_type", RES_TYPES)
+def test_save_then_load_on_a_fresh_model_reproduces_outputs(tmp_path, res_type):
+    unet, text_encoder = tiny_unet(), tiny_text_encoder()
+    adapter = apply_reslora(unet, ResLoRAConfig(res_type=res_type, rank=4, pre_num=1), text_encoder)
+    perturb_adapter(adapter)
+    unet.train()
+    run_unet(unet)  # fills the input-norm windows
+    unet.eval()
+    expected_unet, expected_text = run_unet(unet), run_text_encoder(text_encoder)
+    save_adapter(adapter, tmp_path)
+    metadata = json.loads((tmp_path / "reslora_config.json").read_text())
+    assert metadata["chains"] == adapter.chains and metadata["config"]["res_type"] == res_type
+    assert all(v is not None for k, v in metadata["input_norm_means"].items() if k.startswith("unet."))
+
+    fresh_unet, fresh_text = tiny_unet(), tiny_text_encoder()
+    loaded = load_adapter(fresh_unet, tmp_path, text_encoder=fresh_text)
+    torch.testing.assert_close(run_unet(fresh_unet), expected_unet, rtol=0, atol=0)
+    torch.testing.assert_close(run_text_encoder(fresh_text), expected_text, rtol=0, atol=0)
+    assert loaded.input_norm_means() == adapter.input_norm_means()
+
+
+def test_a_mismatched_base_is_refused_clearly(tmp_path):
+    unet, text_encoder = tiny_unet(), tiny_text_encoder()
+    save_adapter(apply_reslora(unet, ResLoRAConfig(res_type="is"), text_encoder), tmp_path)
+    with pytest.raises(AdapterMismatchError, match="chains do not fit"):
+        load_adapter(sd15_shaped_unet(), tmp_path, text_encoder=tiny_text_encoder())
+    with pytest.raises(AdapterMismatchError, match="pass a text encoder"):
+        load_adapter(tiny_unet(), tmp_path)
+    with pytest.raises(AdapterMismatchError, match="chains do not fit"):
+        load_adapter(tiny_unet(), tmp_path, text_encoder=tiny_text_encoder(layers=3))
+    # Same layout, other widths: the chains match by name but the tensors cannot.
+    (tmp_path / "reslora_adapter.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_adapter(tiny_unet(), tmp_path, text_encoder=tiny_text_encoder())
+
+
+def test_a_refused_load_leaves_the_model_untouched(tmp_path):
+    save_adapter(apply_reslora(tiny_unet(), ResLoRAConfig(res_type="bs")), tmp_path)
+    other = sd15_shaped_unet()
+    with pytest.raises(AdapterMismatchError):
+        load_adapter(other, tmp_path)
+    assert not any(isinstance(p, ResLoRAAttnProcessor) for p in other.attn_processors.values())
+    assert all(p.requires_grad for p in other.parameters())
+
+
+def test_remove_restores_the_base_model():
+    unet = tiny_unet()
+    base = run_unet(unet).detach()
+    adapter = apply_reslora(unet, ResLoRAConfig(res_type="ms"))
+    perturb_adapter(adapter)
+    adapter.remove()
+    torch.testing.assert_close(run_unet(unet), base, rtol=0, atol=0)
+    assert not any(isinstance(p, ResLoRAAttnProcessor) for p in unet.attn_processors.values())
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"res_type": "xs"}, "res_type"),
+        ({"rank": 0}, "rank"),
+        ({"pre_num": -2}, "pre_num"),
+        ({"lora_alpha": 0}, "lora_alpha"),
+        ({"delta_lora_ratio": 0.5, "res_type": "is"}, "plain LoRA"),
+        ({"lora_dropout": 1.0}, "lora_dropout"),
+    ],
+)
+def test_config_validates_and_round_trips(bad, match):
+    with pytest.raises(ValueError, match=match):
+        ResLoRAConfig(**bad)
+    config = ResLoRAConfig(res_type="ms", pre_num=2, rank=16, lora_alpha=32, unet_targets=["to_q", "to_v"])
+    assert ResLoRAConfig.from_json(config.to_json()) == config
+    with pytest.raises(ValueError, match="unknown"):
+        ResLoRAConfig.from_dict({"res_typ": "is"})
+
+
+def test_delta_lora_moves_w_by_the_change_of_the_product_after_step_k():
+    ratio, start, extra_steps = 0.5, 3, 4
+    unet = tiny_unet()
+    config = ResLoRAConfig(res_type="none", rank=4, lora_alpha=8, delta_lora_ratio=ratio, delta_lora_start=start)
+    adapter = apply_reslora(unet, config)
+    weights = {name: layer.weight for name, layer in adapter.base_layers.items()}
+    initial = {name: w.detach().clone() for name, w in weights.items()}
+    optimizer = torch.optim.AdamW(adapter.trainable_parameters(), lr=1e-2)
+    assert not any(w is p for w in weights.values() for group in optimizer.param_groups for p in group["params"])
+    inputs = unet_inputs()
+    factors_at_k = None
+    for step in range(1, start + extra_steps + 1):
+        run_unet(unet, inputs).square().mean().backward()
+        optimizer.step(), optimizer.zero_grad()
+        adapter.step(step)
+        if step <= start:
+            assert all(torch.equal(w, initial[n]) for n, w in weights.items())
+        if step == start:
+            factors_at_k = {n: (b.lora_B.detach().clone(), b.lora_A.detach().clone()) for n, b in adapter.blocks.items()}
+    for name, block in adapter.blocks.items():
+        assert weights[name].grad is None and not weights[name].requires_grad
+        up_k, down_k = factors_at_k[name]
+        expected = ratio * config.scaling * (block.lora_B @ block.lora_A - up_k @ down_k)
+        torch.testing.assert_close(weights[name] - initial[name], expected.detach(), rtol=1e-4, atol=1e-6)
+    assert max((weights[n] - initial[n]).abs().max() for n in weights) > 1e-5
+
+
+def test_delta_lora_adapter_reloads_onto_a_fresh_base(tmp_path):
+    unet = tiny_unet()
+    adapter = apply_reslora(unet, ResLoRAConfig(res_type="none", rank=4, delta_lora_ratio=2.0, delta_lora_start=1))
+    optimizer = torch.optim.SGD(adapter.trainable_parameters(), lr=0.5)
+    for step in range(1, 5):
+        run_unet(unet).square().mean().backward()
+        optimizer.step(), optimizer.zero_grad()
+        adapter.step(step)
+    expected = run_unet(unet)
+    save_adapter(adapter, tmp_path)
+    fresh = tiny_unet()
+    load_adapter(fresh, tmp_path)
+    torch.testing.assert_close(run_unet(fresh), expected, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,87 @@
+"""Tiny diffusers / transformers models built from configs (no download), shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+CROSS_DIM = 32
+
+
+def tiny_unet(seed: int = 0, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
+    """Two resolution levels with attention, a mid block, self- and cross-attention: 56 adapter targets."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=CROSS_DIM,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    return unet.to(dtype)
+
+
+def sd15_shaped_unet(seed: int = 0) -> UNet2DConditionModel:
+    """SD-1.5's layout in miniature: 3 cross-attention down blocks + DownBlock2D, mid, UpBlock2D + 3 up blocks.
+
+    As in SD-1.5, the last two levels have the same channel count, so the 3rd down level and the mid
+    block have equal weight shapes but different token counts.
+    """
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32, 64, 64),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=CROSS_DIM,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def tiny_text_encoder(seed: int = 0, layers: int = 4) -> CLIPTextModel:
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=100,
+        hidden_size=CROSS_DIM,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=layers,
+        max_position_embeddings=12,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    return CLIPTextModel(config)
+
+
+def unet_inputs(batch: int = 2, size: int = 8, seed: int = 1) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "sample": torch.randn(batch, 4, size, size, generator=generator),
+        "timestep": torch.randint(0, 1000, (batch,), generator=generator),
+        "encoder_hidden_states": torch.randn(batch, 12, CROSS_DIM, generator=generator),
+    }
+
+
+def token_ids(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(2, 100, (batch, length), generator=generator)
+
+
+def perturb_adapter(adapter, std: float = 0.1, seed: int = 3) -> None:
+    """Moves every B (and A) away from its initial value, so merges and shortcuts are really exercised."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in adapter.blocks.values():
+            block.lora_B.copy_(torch.randn(block.lora_B.shape, generator=generator) * std)
+            block.lora_A.add_(torch.randn(block.lora_A.shape, generator=generator) * std)
