@@ -212,7 +212,7 @@ def _patch_unet(adapter: ResLoRAAdapter, unet: nn.Module, targets: dict, tracker
 
 def _patch_text_encoder(adapter: ResLoRAAdapter, targets: dict, tracker: ForwardPassTracker) -> None:
     def add_branch(linear, args, output):
-        return output + linear.reslora(args[0])
+        return output + linear.reslora(args[0]) if linear.reslora.active else output
 
     for name, (_target, linear) in targets.items():
         block = _new_block(name, linear, adapter.config, tracker)

@@ -73,6 +73,8 @@ class ResLoRABlock(nn.Module):
         self.register_buffer("input_norm_count", torch.zeros((), dtype=torch.long, device=device))
         self.previous: list[ResLoRABlock] = []
         self.feeds_later_blocks = False
+        # Off while merged weights are evaluated in place of the branch (see merge.baked_weights).
+        self.active = True
         self.tracker = tracker
         tracker.blocks.append(self)
         # (pass id, tensor) that later blocks of the chain read in the same pass: the raw input for `is`,

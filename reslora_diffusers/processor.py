@@ -27,10 +27,10 @@ class ResLoRAAttnProcessor(nn.Module):
         self.blocks = nn.ModuleDict({_module_key(target): block for target, block in blocks.items()})
 
     def project(self, target: str, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        key = _module_key(target)
-        if key not in self.blocks:
+        block = self.blocks[_module_key(target)] if _module_key(target) in self.blocks else None
+        if block is None or not block.active:
             return linear(x)
-        return linear(x) + self.blocks[key](x)
+        return linear(x) + block(x)
 
     def __call__(
         self,

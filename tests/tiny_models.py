@@ -24,7 +24,7 @@ def tiny_unet(seed: int = 0, dtype: torch.dtype = torch.float32) -> UNet2DCondit
         attention_head_dim=8,
         norm_num_groups=8,
     )
-    return unet.to(dtype)
+    return unet if dtype == torch.float32 else unet.to(dtype)
 
 
 def sd15_shaped_unet(seed: int = 0) -> UNet2DConditionModel:

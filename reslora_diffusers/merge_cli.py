@@ -1,0 +1,235 @@
+"""`python -m reslora_diffusers.merge` / `reslora-merge`: base + native adapter → a file other SD tools load.
+
+    python -m reslora_diffusers.merge --base assets/tiny-emoji-sd --adapter outputs/reslora \
+        --format kohya --merge_method lstsq --output outputs/reslora_kohya.safetensors
+
+Every merge prints a fidelity table (merged vs unmerged UNet / text-encoder output, and image PSNR for the
+same seed) for each way of estimating α, and writes it as JSON beside the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .io import atomic_write_text, load_adapter
+from .merge import (
+    MERGE_METHODS,
+    alpha_statistics,
+    baked_weights,
+    collect_shortcut_statistics,
+    image_psnr,
+    is_exact,
+    merge_adapter,
+    merge_into_base,
+    relative_error,
+    truncate_all,
+)
+from .pipeline_io import UserInputError, load_pipeline
+
+FORMATS = ("diffusers-lora", "kohya", "diffusers", "single-file")
+DEFAULT_PROMPTS = ("fish", "french fries", "red heart", "smiling face with sunglasses", "flag: japan", "cat face")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of the usage block
+        sys.stderr.write(f"error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = _Parser(description="Merge a ResLoRA / LoRA / Delta-LoRA adapter and export it for diffusers, kohya, A1111, ComfyUI.")
+    parser.add_argument("--base", required=True, help="Base model: a diffusers folder or a single-file .safetensors checkpoint.")
+    parser.add_argument("--base_config", default=None, help="Diffusers folder describing a single-file base (its config).")
+    parser.add_argument("--adapter", required=True, help="Folder written by save_adapter / the training script.")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="What to write (see README).")
+    parser.add_argument("--merge_method", default="input", choices=MERGE_METHODS, help="How is / ms shortcuts are estimated.")
+    parser.add_argument("--output", required=True, help="Output file (kohya, single-file) or folder (diffusers-lora, diffusers).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing output.")
+    parser.add_argument("--export_rank", type=int, default=None, help="Re-compress every merged LoRA to this rank (truncated SVD).")
+    parser.add_argument("--half", action="store_true", help="single-file / diffusers: store weights in fp16.")
+    parser.add_argument("--calibration_prompts", nargs="+", default=list(DEFAULT_PROMPTS), help="Prompts for lstsq and the report.")
+    parser.add_argument("--num_inference_steps", type=int, default=20, help="Denoising steps of the report's images.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the report's images.")
+    parser.add_argument("--skip_images", action="store_true", help="Leave image PSNR out of the report (faster on big models).")
+    parser.add_argument("--report", default=None, help="Where the JSON report goes (default: beside the output).")
+    args = parser.parse_args(argv)
+    if args.export_rank is not None and args.export_rank <= 0:
+        parser.error(f"--export_rank must be > 0, got {args.export_rank}")
+    if args.num_inference_steps <= 0 or args.num_inference_steps > 1000:
+        parser.error("--num_inference_steps must be in 1..1000")
+    output = Path(args.output)
+    if args.format in ("kohya", "single-file") and output.suffix != ".safetensors":
+        parser.error(f"--format {args.format} writes one .safetensors file; --output must end in .safetensors")
+    if output.exists() and not args.overwrite:
+        parser.error(f"{output} exists; pass --overwrite to replace it")
+    return args
+
+
+class _UNetCallRecorder:
+    """Keeps the UNet inputs of a generation run, to compare merged and unmerged outputs on real inputs."""
+
+    def __init__(self, unet):
+        self.calls = []
+        self.handle = unet.register_forward_pre_hook(self.record, with_kwargs=True)
+
+    def record(self, _module, args, kwargs):
+        self.calls.append((tuple(a.detach().clone() if torch.is_tensor(a) else a for a in args), dict(kwargs)))
+
+    def close(self):
+        self.handle.remove()
+
+
+def _generate(pipe, prompts, args):
+    generator = torch.Generator().manual_seed(args.seed)
+    return pipe(list(prompts), num_inference_steps=args.num_inference_steps, generator=generator).images
+
+
+def _outputs(pipe, unet_calls, token_ids):
+    with torch.no_grad():
+        unet = [pipe.unet(*a, **k).sample for a, k in unet_calls]
+        text = pipe.text_encoder(token_ids).last_hidden_state if token_ids is not None else None
+    return unet, text
+
+
+def fidelity_report(pipe, adapter, args) -> tuple[dict, dict]:
+    """Merges with every applicable method, measures each one, and returns (report, the chosen MergeResult)."""
+    prompts = args.calibration_prompts
+    token_ids = None
+    if any(name.startswith("text_encoder.") for name in adapter.blocks):
+        token_ids = pipe.tokenizer(list(prompts), padding="max_length", truncation=True, return_tensors="pt").input_ids
+
+    recorder = _UNetCallRecorder(pipe.unet)
+    try:
+        reference_images = _generate(pipe, prompts[:2], args) if not args.skip_images else None
+        if args.skip_images:
+            pipe(list(prompts[:2]), num_inference_steps=2, generator=torch.Generator().manual_seed(args.seed), output_type="latent")
+    finally:
+        recorder.close()
+    unet_calls = recorder.calls[:: max(1, len(recorder.calls) // 8)]  # a handful of timesteps is enough
+    reference_unet, reference_text = _outputs(pipe, unet_calls, token_ids)
+
+    def calibration():
+        pipe(list(prompts), num_inference_steps=min(8, args.num_inference_steps), generator=torch.Generator().manual_seed(args.seed + 1), output_type="latent")
+
+    methods = ["exact"] if is_exact(adapter) else list(MERGE_METHODS)
+    stats = None if methods == ["exact"] else collect_shortcut_statistics(adapter, calibration)
+    report = {"res_type": adapter.config.res_type, "pre_num": adapter.config.pre_num, "chosen": None, "methods": {}}
+    chosen = None
+    for method in methods:
+        result = merge_adapter(adapter, args.merge_method if method == "exact" else method, calibration)
+        entry = {"alpha": alpha_statistics(result.alphas)}
+        if stats is not None:
+            entry["calibration_objective"] = sum(stats.objective(result.alphas).values())
+        with baked_weights(adapter, result.factors):
+            merged_unet, merged_text = _outputs(pipe, unet_calls, token_ids)
+            merged_images = _generate(pipe, prompts[:2], args) if not args.skip_images else None
+        entry["unet_relative_error"] = max(relative_error(m, r) for m, r in zip(merged_unet, reference_unet))
+        if reference_text is not None:
+            entry["text_encoder_relative_error"] = relative_error(merged_text, reference_text)
+        if reference_images is not None:
+            entry["image_psnr_db"] = min(image_psnr(m, r) for m, r in zip(merged_images, reference_images))
+        report["methods"][method] = entry
+        if method in ("exact", args.merge_method):
+            chosen = result
+            report["chosen"] = method
+    return report, chosen
+
+
+def print_report(report: dict) -> None:
+    print(f"merge fidelity ({report['res_type']}, pre_num {report['pre_num']}; merged vs unmerged, same inputs and seed)")
+    print(f"{'method':<8} {'alpha mean [min, max]':<26} {'UNet rel.err':>12} {'text rel.err':>12} {'image PSNR':>11}")
+    for method, entry in report["methods"].items():
+        alpha = entry["alpha"]
+        alpha_text = f"{alpha['mean']:.3f} [{alpha['min']:.3f}, {alpha['max']:.3f}]" if alpha["count"] else "-"
+        text_error = entry.get("text_encoder_relative_error")
+        psnr = entry.get("image_psnr_db")
+        mark = " *" if method == report["chosen"] else ""
+        print(
+            f"{method:<8} {alpha_text:<26} {entry['unet_relative_error']:>12.2e} "
+            f"{'-' if text_error is None else f'{text_error:.2e}':>12} "
+            f"{'-' if psnr is None else ('inf' if math.isinf(psnr) else f'{psnr:.1f} dB'):>11}{mark}"
+        )
+
+
+def write_output(pipe, adapter, factors, args, metadata: dict[str, str]) -> Path:
+    from .formats import save_diffusers_lora, save_kohya_lora, save_single_file_checkpoint
+
+    output = Path(args.output)
+    if args.format == "kohya":
+        return save_kohya_lora(factors, output, metadata)
+    if args.format == "diffusers-lora":
+        return write_folder(output, lambda folder: save_diffusers_lora(factors, folder, metadata))
+    merge_into_base(adapter, factors)
+    if args.format == "single-file":
+        return save_single_file_checkpoint(pipe, output, half=args.half)
+    if args.half:
+        pipe.to(torch.float16)
+    return write_folder(output, lambda folder: pipe.save_pretrained(folder, safe_serialization=True))
+
+
+def write_folder(output: Path, write) -> Path:
+    """Writes a folder beside `output`, then swaps it in: an old output (--overwrite) goes only once the new one is complete."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        write(staged)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    if output.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
+        old.rmdir()
+        output.rename(old)
+        staged.rename(output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staged.rename(output)
+    return output
+
+
+def run(args: argparse.Namespace) -> dict:
+    pipe = load_pipeline(args.base, args.base_config)
+    pipe.set_progress_bar_config(disable=True)
+    adapter = load_adapter(pipe.unet, args.adapter, text_encoder=pipe.text_encoder)
+    print(f"loaded {adapter} from {args.adapter}")
+    report, result = fidelity_report(pipe, adapter, args)
+    factors = result.factors
+    if args.export_rank is not None:
+        factors, energies = truncate_all(factors, args.export_rank)
+        values = list(energies.values())
+        report["export_rank"] = {"rank": args.export_rank, "energy_kept_min": min(values), "energy_kept_mean": sum(values) / len(values)}
+    metadata = {
+        "reslora_res_type": adapter.config.res_type,
+        "reslora_pre_num": str(adapter.config.pre_num),
+        "reslora_merge_method": report["chosen"],
+        "reslora_config": adapter.config.to_json(),
+    }
+    output = write_output(pipe, adapter, factors, args, metadata)
+    report["output"] = str(output)
+    report["format"] = args.format
+    report_path = Path(args.report) if args.report else output.parent / f"{output.name}.merge_report.json"
+    atomic_write_text(report_path, json.dumps(report, indent=2))
+    print_report(report)
+    if "export_rank" in report:
+        e = report["export_rank"]
+        print(f"re-compressed to rank {e['rank']}: energy kept min {e['energy_kept_min']:.4f}, mean {e['energy_kept_mean']:.4f}")
+    print(f"wrote {args.format} to {output}\nreport: {report_path}")
+    return report
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (UserInputError, ValueError, FileNotFoundError) as error:
+        sys.stderr.write(f"error: {error}\n")
+        return 2
+    return 0
