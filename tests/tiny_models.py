@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
-from diffusers import UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 CROSS_DIM = 32
+MAX_TOKENS = 12  # tiny_text_encoder's max_position_embeddings
 
 
 def tiny_unet(seed: int = 0, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
@@ -56,7 +57,7 @@ def tiny_text_encoder(seed: int = 0, layers: int = 4) -> CLIPTextModel:
         intermediate_size=64,
         num_attention_heads=4,
         num_hidden_layers=layers,
-        max_position_embeddings=12,
+        max_position_embeddings=MAX_TOKENS,
         bos_token_id=0,
         eos_token_id=1,
         pad_token_id=1,
@@ -85,3 +86,57 @@ def perturb_adapter(adapter, std: float = 0.1, seed: int = 3) -> None:
         for block in adapter.blocks.values():
             block.lora_B.copy_(torch.randn(block.lora_B.shape, generator=generator) * std)
             block.lora_A.add_(torch.randn(block.lora_A.shape, generator=generator) * std)
+
+
+def tiny_vae(num_blocks: int = 2, seed: int = 0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * num_blocks,
+        up_block_types=("UpDecoderBlock2D",) * num_blocks,
+        block_out_channels=(8, 16, 16, 16)[:num_blocks],
+        layers_per_block=2 if num_blocks == 4 else 1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    )
+
+
+def tiny_tokenizer() -> CLIPTokenizer:
+    """Letters as BPE symbols, no merges: ids 2..53, within tiny_text_encoder's vocabulary."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for letter in "abcdefghijklmnopqrstuvwxyz":
+        vocab[letter] = len(vocab)
+        vocab[letter + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=MAX_TOKENS)
+
+
+def tiny_pipeline() -> StableDiffusionPipeline:
+    """An SD-1.x pipeline in miniature; the UNet mixes attention and plain blocks, so both upsampler slots occur."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=CROSS_DIM,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1
+    )
+    return StableDiffusionPipeline(
+        vae=tiny_vae(),
+        text_encoder=tiny_text_encoder(layers=2),
+        tokenizer=tiny_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
