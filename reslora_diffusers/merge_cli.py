@@ -32,7 +32,7 @@ from .merge import (
     relative_error,
     truncate_all,
 )
-from .pipeline_io import UserInputError, load_pipeline
+from .pipeline_io import UserInputError, load_pipeline, quiet_libraries
 
 FORMATS = ("diffusers-lora", "kohya", "diffusers", "single-file")
 DEFAULT_PROMPTS = ("fish", "french fries", "red heart", "smiling face with sunglasses", "flag: japan", "cat face")
@@ -94,7 +94,7 @@ def _generate(pipe, prompts, args):
 
 def _outputs(pipe, unet_calls, token_ids):
     with torch.no_grad():
-        unet = [pipe.unet(*a, **k).sample for a, k in unet_calls]
+        unet = [pipe.unet(*a, **k)[0] for a, k in unet_calls]
         text = pipe.text_encoder(token_ids).last_hidden_state if token_ids is not None else None
     return unet, text
 
@@ -227,6 +227,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    quiet_libraries()
     try:
         run(args)
     except (UserInputError, ValueError, FileNotFoundError) as error:

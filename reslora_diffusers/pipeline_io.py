@@ -12,6 +12,17 @@ class UserInputError(ValueError):
     """Bad input from the command line: reported as one line, without a traceback."""
 
 
+def quiet_libraries() -> None:
+    """Command lines print their own progress: silence diffusers' / transformers' loading bars and notices."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def load_pipeline(base: str | os.PathLike, base_config: str | os.PathLike | None = None, torch_dtype=torch.float32):
     """A `StableDiffusionPipeline` from a diffusers folder or a single-file checkpoint, offline.
 
@@ -28,7 +39,7 @@ def load_pipeline(base: str | os.PathLike, base_config: str | os.PathLike | None
             raise UserInputError(f"{path} is not a diffusers Stable Diffusion folder (it has no model_index.json)")
         try:
             return StableDiffusionPipeline.from_pretrained(
-                path, torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False, local_files_only=True
+                path, dtype=torch_dtype, safety_checker=None, requires_safety_checker=False, local_files_only=True
             )
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise UserInputError(f"could not load the Stable Diffusion pipeline in {path}: {_first_line(error)}") from None
@@ -40,7 +51,7 @@ def load_pipeline(base: str | os.PathLike, base_config: str | os.PathLike | None
         return StableDiffusionPipeline.from_single_file(
             str(path),
             config=str(base_config) if base_config is not None else None,
-            torch_dtype=torch_dtype,
+            dtype=torch_dtype,
             local_files_only=True,
             safety_checker=None,
             requires_safety_checker=False,
