@@ -114,7 +114,8 @@ class ResLoRABlock(nn.Module):
         self._norm_pass_id = self.tracker.pass_id
         with torch.no_grad():
             slot = (self.input_norm_count % self.input_norms.numel()).view(1)
-            self.input_norms.index_copy_(0, slot, x.detach().float().norm().view(1))
+            norm = torch.linalg.vector_norm(x.detach(), dtype=torch.float32)  # no fp32 copy of x
+            self.input_norms.index_copy_(0, slot, norm.view(1))
             self.input_norm_count += 1
 
     def mean_input_norm(self) -> float | None:
@@ -138,11 +139,17 @@ class ResLoRABlock(nn.Module):
         up, down = self.chain_factors()
         return self.scaling * (up @ down)
 
+    def _branch_dtype(self, x: torch.Tensor) -> torch.Tensor:
+        # Under autocast the matmuls pick their own dtype: casting x to fp32 here would only add a full-size copy.
+        if torch.is_autocast_enabled(x.device.type):
+            return x
+        return x.to(self.lora_A.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and torch.is_grad_enabled():
             self._record_input_norm(x)
         pass_id = self.tracker.pass_id
-        dropped = self.dropout(x.to(self.lora_A.dtype))
+        dropped = self.dropout(self._branch_dtype(x))
 
         if self.res_type == "bs":
             up, down = self.chain_factors()
@@ -152,7 +159,7 @@ class ResLoRABlock(nn.Module):
             if self.previous:
                 previous_input = self._cached_from(self.previous[0], x.shape)
                 # A_n x_n + A_n x_{n-1}: two small products instead of a new full-size sum kept for backward.
-                hidden = hidden + F.linear(self.dropout(previous_input.to(self.lora_A.dtype)), self.lora_A)
+                hidden = hidden + F.linear(self.dropout(self._branch_dtype(previous_input)), self.lora_A)
             if self.feeds_later_blocks:
                 self.cached = (pass_id, x)
             out = F.linear(hidden, self.lora_B)
