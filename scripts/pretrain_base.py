@@ -1,0 +1,415 @@
+"""Pretrain the embedded default base model: a tiny Stable-Diffusion-shaped pipeline drawn on Noto emoji.
+
+The exact command that made ``assets/tiny-emoji-sd`` (2 CPU cores, about 50 minutes):
+
+    python scripts/build_emoji_dataset.py
+    nohup python scripts/pretrain_base.py --device cpu --seed 0 --max_minutes 45 --vae_minutes 8 \\
+        --num_threads 1 --vae_batch_size 16 --batch_size 32 \\
+        --output_dir assets/tiny-emoji-sd > data/pretrain.log 2>&1 &
+
+Phases, each time-boxed (the step count is re-fitted to the time left while it runs):
+1. a byte-level BPE tokenizer in CLIP's conventions (``</w>`` suffix, ``<|startoftext|>`` /
+   ``<|endoftext|>``, lower case) trained on the captions, saved as a ``CLIPTokenizer``;
+2. an ``AutoencoderKL`` (64 px -> 16x16x4 latents); then it is frozen and the latents of the whole Noto
+   set are computed once;
+3. the ``CLIPTextModel`` and an SD-shaped ``UNet2DConditionModel`` trained jointly from scratch with
+   v-prediction (as SD-2), min-SNR weighting, 10 % caption dropout for classifier-free guidance,
+   a warm-up + cosine learning rate and an EMA of the weights.
+The result is saved atomically as a standard ``StableDiffusionPipeline`` folder (safetensors, no
+safety checker) with a DPM-Solver++ scheduler, and a sample grid is written to ``--sample_grid``.
+The base model is trained on every Noto emoji (both splits): the held-out split is for the adapters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from reslora_diffusers.emoji_data import load_split  # noqa: E402
+
+CLIP_SPLIT_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+SAMPLE_PROMPTS = [
+    "french fries", "fish", "flag: egypt", "red apple", "grinning face", "dog face", "pizza", "rocket",
+    "flag: japan", "sun", "hot beverage", "birthday cake", "smiling face with heart-shaped eyes", "turtle",
+    "automobile", "snowman", "heavy black heart", "octopus", "penguin", "christmas tree",
+]
+ATTRIBUTION = """# Attribution and licences
+
+This model (VAE, text encoder, tokenizer and UNet, all trained from scratch by
+`scripts/pretrain_base.py`) was trained on the Noto Emoji images:
+
+- Noto Emoji graphics: Copyright Google Inc., licensed under the Apache License 2.0.
+- Images and names taken from the npm package `emoji-datasource-google` 16.0.0 by Iamcal
+  (Cal Henderson), MIT licence.
+- The Twemoji style used for fine-tuning (not in this model): Copyright Twitter, Inc. / X Corp. and
+  other contributors, CC-BY 4.0.
+"""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Pretrain the tiny emoji Stable Diffusion base model from scratch.")
+    p.add_argument("--data_dir", default="data/emoji/noto", help="Noto imagefolder from build_emoji_dataset.py")
+    p.add_argument("--output_dir", default="assets/tiny-emoji-sd", help="where the pipeline folder is written")
+    p.add_argument("--sample_grid", default="data/pretrain_samples.png", help="PNG grid of samples after training")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--num_threads", type=int, default=2,
+                   help="torch CPU threads; on a shared, busy CPU 1 thread was 5x faster than 2 (no spin-waiting)")
+    p.add_argument("--max_minutes", type=float, default=46.0, help="wall-clock budget of the whole run")
+    p.add_argument("--vae_minutes", type=float, default=9.0, help="part of the budget for the VAE phase")
+    p.add_argument("--vae_steps", type=int, default=20000, help="upper bound on VAE steps (time box may cut it)")
+    p.add_argument("--unet_steps", type=int, default=100000, help="upper bound on UNet steps (time box may cut it)")
+    p.add_argument("--vae_batch_size", type=int, default=16, help="VAE batch size")
+    p.add_argument("--batch_size", type=int, default=32, help="UNet / text encoder batch size")
+    p.add_argument("--vae_lr", type=float, default=1e-3, help="VAE peak learning rate")
+    p.add_argument("--lr", type=float, default=8e-4, help="UNet and text encoder peak learning rate")
+    p.add_argument("--warmup_steps", type=int, default=100, help="linear warm-up steps of each phase")
+    p.add_argument("--ema_decay", type=float, default=0.995, help="EMA decay of UNet/text encoder (0: off)")
+    p.add_argument("--uncond_prob", type=float, default=0.1, help="caption dropout for classifier-free guidance")
+    p.add_argument("--snr_gamma", type=float, default=5.0, help="min-SNR loss weighting gamma (0: off)")
+    p.add_argument("--vocab_size", type=int, default=2048, help="tokenizer vocabulary size incl. 512 byte tokens")
+    p.add_argument("--max_length", type=int, default=20, help="tokenizer model_max_length / text positions")
+    p.add_argument("--unet_channels", default="32,64,128", help="UNet block_out_channels")
+    p.add_argument("--vae_channels", default="16,32,64", help="VAE block_out_channels (3 levels: 64 -> 16 px)")
+    p.add_argument("--text_hidden", type=int, default=128, help="text encoder width = UNet cross_attention_dim")
+    p.add_argument("--text_layers", type=int, default=3, help="text encoder layers")
+    args = p.parse_args(argv)
+    args.unet_channels = tuple(int(c) for c in args.unet_channels.split(","))
+    args.vae_channels = tuple(int(c) for c in args.vae_channels.split(","))
+    if len(args.unet_channels) != 3 or len(args.vae_channels) != 3:
+        p.error("--unet_channels and --vae_channels need three comma-separated widths")
+    if not 0 < args.vae_minutes < args.max_minutes:
+        p.error("--vae_minutes must be positive and below --max_minutes")
+    return args
+
+
+class TimeBox:
+    """Fits a phase's step count to its time budget, re-estimated from the measured step time."""
+
+    def __init__(self, max_steps: int, seconds: float):
+        self.total, self.max_steps, self.deadline, self.start = max_steps, max_steps, time.time() + seconds, None
+
+    def update(self, step: int) -> None:
+        if step == 5:  # the first steps are slow (allocations); measure from here
+            self.start = (time.time(), step)
+        elif self.start is not None and step % 25 == 0:
+            per_step = (time.time() - self.start[0]) / (step - self.start[1])
+            left = max(self.deadline - time.time(), 0.0)
+            self.total = max(step + 1, min(self.max_steps, step + int(left / per_step)))
+
+    def lr_factor(self, step: int, warmup: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min((step - warmup) / max(self.total - warmup, 1), 1.0)
+        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible map from bytes to printable unicode characters."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def train_tokenizer(captions: list[str], out_dir: Path, vocab_size: int, max_length: int):
+    """Train a byte-level BPE in CLIP's layout and return it loaded as a ``CLIPTokenizer``."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CLIP_SPLIT_PATTERN), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  end_of_word_suffix="</w>", min_frequency=1, show_progress=False)
+    bpe.train_from_iterator(captions, trainer)
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+
+    # CLIP's order: 256 byte symbols, the same with "</w>", the merge results, then the two special tokens.
+    base = list(bytes_to_unicode().values())
+    tokens = base + [b + "</w>" for b in base]
+    seen = set(tokens)
+    for a, b in merges:
+        if a + b not in seen:
+            seen.add(a + b)
+            tokens.append(a + b)
+    tokens += [BOS, EOS]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False), encoding="utf-8")
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n", encoding="utf-8")
+    tok = CLIPTokenizer(vocab=str(out_dir / "vocab.json"), merges=str(out_dir / "merges.txt"), model_max_length=max_length)
+    tok.save_pretrained(out_dir)
+    return CLIPTokenizer.from_pretrained(out_dir)
+
+
+def load_images(records: list[dict]) -> torch.Tensor:
+    """All images as one uint8 tensor N×3×64×64."""
+    arr = np.stack([np.asarray(Image.open(r["path"]).convert("RGB")) for r in tqdm(records, desc="load images")])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def to_model_range(images_u8: torch.Tensor) -> torch.Tensor:
+    return images_u8.float() / 127.5 - 1.0
+
+
+def make_vae(channels):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=channels, norm_num_groups=8,
+    )
+
+
+def make_unet(channels, cross_dim):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=channels, cross_attention_dim=cross_dim, attention_head_dim=4, norm_num_groups=16,
+    )
+
+
+def make_text_encoder(tokenizer, hidden: int, layers: int, max_length: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, max_position_embeddings=max_length, projection_dim=hidden,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def train_vae(vae, images_u8, args, device, seconds):
+    """Reconstruction (L1 + MSE) with a tiny KL term; returns the trained VAE in eval mode."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    box = TimeBox(args.vae_steps, seconds)
+    gen = torch.Generator().manual_seed(args.seed)
+    vae.train()
+    step, bar = 0, tqdm(desc="vae", unit="step")
+    while step < box.total:
+        idx = torch.randint(0, len(images_u8), (args.vae_batch_size,), generator=gen)
+        x = to_model_range(images_u8[idx]).to(device)
+        if torch.rand((), generator=gen) < 0.5:  # flips only help the autoencoder generalise
+            x = x.flip(-1)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        for g in opt.param_groups:
+            g["lr"] = args.vae_lr * box.lr_factor(step, args.warmup_steps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        box.update(step)
+        bar.update(1)
+        bar.total = box.total
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.close()
+    print(f"vae: {step} steps", flush=True)
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_all(vae, images_u8, device, batch=128):
+    """Posterior mean and std of every image, computed once (the VAE is frozen from here on)."""
+    means, stds = [], []
+    for i in tqdm(range(0, len(images_u8), batch), desc="encode latents"):
+        dist = vae.encode(to_model_range(images_u8[i:i + batch]).to(device)).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_unet(unet, text_encoder, ids, empty_ids, mean, std, scaling, scheduler, args, device, seconds):
+    """Joint UNet + text encoder training; returns the number of steps done."""
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    ema = [p.detach().clone() for p in params] if args.ema_decay > 0 else None
+    box = TimeBox(args.unet_steps, seconds)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    unet.train()
+    text_encoder.train()
+    n, step, order = len(ids), 0, torch.empty(0, dtype=torch.long)
+    bar = tqdm(desc="unet", unit="step")
+    while step < box.total:
+        if len(order) < args.batch_size:  # reshuffle once per epoch
+            order = torch.cat([order, torch.randperm(n, generator=gen)])
+        idx, order = order[: args.batch_size], order[args.batch_size:]
+        # sample the latents from the frozen VAE posterior
+        latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen).to(device)) * scaling
+        # drop some captions so the model also learns the unconditional prediction
+        tokens = ids[idx].clone()
+        drop = (torch.rand(len(idx), generator=gen) < args.uncond_prob).to(device)
+        tokens[drop] = empty_ids
+        # add noise at random timesteps
+        noise = torch.randn(latents.shape, generator=gen).to(device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen).to(device)
+        noisy = scheduler.add_noise(latents, noise, t)
+        target = scheduler.get_velocity(latents, noise, t)
+        # predict the velocity
+        pred = unet(noisy, t, text_encoder(tokens)[0]).sample
+        per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+        if args.snr_gamma > 0:
+            snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+            per_sample = per_sample * torch.clamp(snr, max=args.snr_gamma) / (snr + 1)
+        loss = per_sample.mean()
+        for g in opt.param_groups:
+            g["lr"] = args.lr * box.lr_factor(step, args.warmup_steps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if ema is not None:
+            decay = min(args.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        step += 1
+        box.update(step)
+        bar.update(1)
+        bar.total = box.total
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
+    bar.close()
+    if ema is not None:
+        with torch.no_grad():
+            for p, e in zip(params, ema):
+                p.copy_(e)
+    return step
+
+
+def save_pipeline(out_dir: Path, vae, text_encoder, tokenizer, unet, tok_dir: Path, info: dict) -> None:
+    """Save a StableDiffusionPipeline folder through a temporary sibling folder, then swap it in.
+
+    ``save_pretrained`` of a tokenizers-backed CLIPTokenizer writes only ``tokenizer.json``; the CLIP
+    ``vocab.json`` / ``merges.txt`` from ``tok_dir`` are copied beside it for other CLIP loaders.
+    """
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    scheduler = DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="v_prediction", algorithm_type="dpmsolver++", solver_order=2,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the folder is committed and shared
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy(tok_dir / name, tmp / "tokenizer" / name)
+        (tmp / "ATTRIBUTION.md").write_text(ATTRIBUTION, encoding="utf-8")
+        (tmp / "training_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        if out_dir.exists():
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@torch.no_grad()
+def sample_grid(model_dir: Path, prompts: list[str], path: Path, device, seed: int) -> None:
+    """Reload the saved folder with plain diffusers and draw one image per prompt into a grid."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator().manual_seed(seed)
+    images = pipe(prompts, num_inference_steps=20, guidance_scale=3.0, generator=gen, height=64, width=64).images
+    cols = 5
+    grid = Image.new("RGB", (64 * cols, 64 * math.ceil(len(images) / cols)), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, (64 * (i % cols), 64 * (i // cols)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.time()
+    torch.set_num_threads(args.num_threads)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    from diffusers import DDPMScheduler
+
+    records = load_split(args.data_dir, split=None)
+    captions = [r["text"] for r in records]
+    images_u8 = load_images(records)
+
+    tok_dir = Path(tempfile.mkdtemp(prefix="emoji-tokenizer-"))
+    tokenizer = train_tokenizer(captions, tok_dir, args.vocab_size, args.max_length)
+    enc = tokenizer(captions, padding="max_length", max_length=args.max_length, truncation=True, return_tensors="pt")
+    ids = enc.input_ids.to(device)
+    n_long = sum(len(x) > args.max_length for x in tokenizer(captions).input_ids)
+    empty_ids = tokenizer([""], padding="max_length", max_length=args.max_length, return_tensors="pt").input_ids.to(device)
+    print(f"tokenizer: {len(tokenizer)} tokens, {n_long} captions truncated; 'french fries' -> "
+          f"{tokenizer.tokenize('french fries')}", flush=True)
+
+    # phase 1: the autoencoder
+    vae = make_vae(args.vae_channels).to(device)
+    vae = train_vae(vae, images_u8, args, device, args.vae_minutes * 60 - (time.time() - started))
+    mean, std = encode_all(vae, images_u8, device)
+    scaling = float(1.0 / mean.std())
+    vae.register_to_config(scaling_factor=scaling)
+    vae_minutes = (time.time() - started) / 60
+    print(f"vae done after {vae_minutes:.1f} min; latent scaling_factor {scaling:.4f}", flush=True)
+
+    # phase 2: text encoder + UNet, jointly; keep ~1.5 min for saving and the sample grid
+    text_encoder = make_text_encoder(tokenizer, args.text_hidden, args.text_layers, args.max_length).to(device)
+    unet = make_unet(args.unet_channels, args.text_hidden).to(device)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", prediction_type="v_prediction")
+    seconds = args.max_minutes * 60 - (time.time() - started) - 90
+    unet_steps = train_unet(unet, text_encoder, ids, empty_ids, mean, std, scaling, scheduler, args, device, seconds)
+
+    info = {
+        "command_args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+        "vae_minutes": round(vae_minutes, 2), "unet_steps": unet_steps,
+        "total_minutes": round((time.time() - started) / 60, 2), "images": len(records),
+        "parameters": {name: sum(p.numel() for p in m.parameters()) for name, m in
+                       [("vae", vae), ("text_encoder", text_encoder), ("unet", unet)]},
+    }
+    out_dir = Path(args.output_dir)
+    save_pipeline(out_dir, vae.cpu(), text_encoder.eval().cpu(), tokenizer, unet.eval().cpu(), tok_dir, info)
+    shutil.rmtree(tok_dir, ignore_errors=True)
+    print(f"saved {out_dir} after {info['total_minutes']:.1f} min: {json.dumps(info['parameters'])}", flush=True)
+    sample_grid(out_dir, [p for p in SAMPLE_PROMPTS if p in set(captions)], Path(args.sample_grid), "cpu", args.seed)
+    print(f"sample grid -> {args.sample_grid}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
