@@ -1,0 +1,130 @@
+"""The model card (`README.md`) that `train_text_to_image.py` writes beside a trained adapter."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .config import ResLoRAConfig
+
+METHOD_NAMES = {
+    "none": "LoRA",
+    "is": "ResLoRA, input shortcut (`is`)",
+    "bs": "ResLoRA, block shortcut (`bs`)",
+    "ms": "ResLoRA, middle shortcut (`ms`)",
+}
+
+
+def method_name(config: ResLoRAConfig) -> str:
+    if config.delta_lora:
+        return f"Delta-LoRA (λ = {config.delta_lora_ratio:g}, K = {config.delta_lora_start})"
+    return METHOD_NAMES[config.res_type]
+
+
+def _relative(path: Path, root: Path) -> str:
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
+def model_card(
+    *,
+    output_dir: Path,
+    base_model: str,
+    dataset: str,
+    config: ResLoRAConfig,
+    merge_method: str,
+    settings: dict[str, object],
+    results: dict[str, object],
+    kohya_file: Path,
+    validation_grids: list[Path],
+    validation_prompts: list[str],
+    trained_text_encoder: bool,
+) -> str:
+    """The card's Markdown: what was trained on what, with which settings, and how to load each file."""
+    kohya = _relative(kohya_file, output_dir)
+    lora_name = kohya_file.stem
+    merge_note = (
+        "exactly (no approximation)"
+        if results.get("merge") == "exact"
+        else f"approximately: a merged weight cannot see the shortcut's earlier input x_(n-1), which is estimated as α·x_n "
+        f"with the `{merge_method}` method (ResLoRA, arXiv 2402.18039)"
+    )
+    text_encoder_note = "UNet and CLIP text encoder" if trained_text_encoder else "UNet"
+    lines = [
+        "---",
+        f"base_model: {base_model}",
+        "library_name: diffusers",
+        "tags:",
+        "- stable-diffusion",
+        "- text-to-image",
+        "- lora",
+        "- reslora",
+        "- diffusers",
+        "---",
+        "",
+        f"# {method_name(config)} adapter for `{base_model}`",
+        "",
+        f"Trained with `train_text_to_image.py` (reslora_diffusers) on `{dataset}`; adapters on the attention "
+        f"projections of the {text_encoder_note}.",
+        "",
+        "## Settings",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| method | {method_name(config)} |",
+        f"| res_type / pre_num | `{config.res_type}` / {config.pre_num} |",
+        f"| rank / lora_alpha / dropout | {config.rank} / {config.lora_alpha:g} / {config.lora_dropout:g} |",
+    ]
+    lines += [f"| {key} | {value} |" for key, value in settings.items()]
+    lines += ["", "## Results", "", "| | |", "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in results.items()]
+    if validation_grids:
+        lines += ["", "## Validation images", "", "Rows: " + ", ".join(f"“{p}”" for p in validation_prompts) + "; same seeds in every grid.", ""]
+        for grid in validation_grids:
+            lines.append(f"![{grid.stem}]({_relative(grid, output_dir)})")
+    lines += [
+        "",
+        "## Files",
+        "",
+        "| file | what | for |",
+        "|---|---|---|",
+        "| `reslora_adapter.safetensors` + `reslora_config.json` | the native adapter (unmerged, with its chains) | `reslora_diffusers.load_adapter`, further training, `python -m reslora_diffusers.merge` |",
+        f"| `pytorch_lora_weights.safetensors` | merged plain LoRA, diffusers / PEFT keys | `pipe.load_lora_weights` |",
+        f"| `{kohya}` | merged plain LoRA, kohya keys with each module's real alpha | AUTOMATIC1111, ComfyUI, kohya sd-scripts |",
+        "| `validation/` | validation image grids | |",
+        "| `metrics.jsonl`, `logs/` | loss, learning rate and speed per step; TensorBoard logs | `tensorboard --logdir logs` |",
+        "",
+        f"The merged files were made {merge_note}; the exact model is the native adapter. "
+        "`python -m reslora_diffusers.merge --help` measures the fidelity of every merge method and exports a merged "
+        "full model (diffusers folder or single-file checkpoint).",
+        "",
+        "## How to use",
+        "",
+        "diffusers (merged LoRA):",
+        "",
+        "```python",
+        "from diffusers import StableDiffusionPipeline",
+        "",
+        f'pipe = StableDiffusionPipeline.from_pretrained("{base_model}")',
+        f'pipe.load_lora_weights("{output_dir.as_posix()}")',
+        f'image = pipe("{validation_prompts[0] if validation_prompts else "a photo"}").images[0]',
+        "```",
+        "",
+        "diffusers (native adapter, exactly as trained):",
+        "",
+        "```python",
+        "from diffusers import StableDiffusionPipeline",
+        "from reslora_diffusers import load_adapter",
+        "",
+        f'pipe = StableDiffusionPipeline.from_pretrained("{base_model}")',
+        f'adapter = load_adapter(pipe.unet, "{output_dir.as_posix()}"'
+        + (", text_encoder=pipe.text_encoder)" if trained_text_encoder else ")"),
+        f'image = pipe("{validation_prompts[0] if validation_prompts else "a photo"}").images[0]',
+        "```",
+        "",
+        f"AUTOMATIC1111: copy `{kohya}` into `models/Lora/` and write `<lora:{lora_name}:1>` in the prompt.",
+        "",
+        f"ComfyUI: copy `{kohya}` into `models/loras/` and load it with a *LoraLoader* node (strength 1.0) "
+        "between the checkpoint loader and the sampler.",
+        "",
+    ]
+    return "\n".join(lines)

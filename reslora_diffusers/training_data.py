@@ -1,0 +1,246 @@
+"""Training data for `train_text_to_image.py`: image + caption data sets read with PIL and numpy.
+
+The layout is 🤗 datasets' *imagefolder*, as diffusers' text-to-image scripts use it: a folder of images and a
+`metadata.jsonl` (or `metadata.csv`) whose `file_name` column names each image (a path relative to the
+folder) and whose other columns hold the captions, a string or a list of strings per image:
+
+    {"file_name": "1f41f.png", "text": "fish"}
+    {"file_name": "1f35f.png", "text": ["french fries", "fries"]}
+
+The image column of such a folder is called `image` (as in 🤗 datasets). Every image is decoded once when
+the data set is indexed, so a corrupt file is skipped with a warning then, never found in the middle of a run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+IMAGE_COLUMN = "image"
+FILE_NAME_COLUMN = "file_name"
+INTERPOLATION_MODES = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+class DatasetError(ValueError):
+    """Training data that cannot be used, with a message that says what to fix."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training image (a file, or an image already in memory) and its captions (one is drawn per use)."""
+
+    image: Path | Image.Image
+    captions: tuple[str, ...]
+
+
+def _captions(value, column: str, where: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple, np.ndarray)) and len(value) > 0 and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise DatasetError(f"{where}: caption column {column!r} must hold a string or a non-empty list of strings, got {value!r}")
+
+
+def _read_metadata(path: Path) -> list[dict]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise DatasetError(f"cannot read {path}: {error}") from None
+    if path.suffix == ".csv":
+        return list(csv.DictReader(text.splitlines()))
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DatasetError(f"{path}, line {number} is not valid JSON: {error.msg}") from None
+        if not isinstance(row, dict):
+            raise DatasetError(f"{path}, line {number} must be a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def _check_columns(columns: Sequence[str], image_column: str, caption_column: str, where: str) -> None:
+    for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
+        if column not in columns:
+            raise DatasetError(f"{flag} {column!r} is not a column of {where}; its columns are: {', '.join(columns)}")
+
+
+def decodes(image: Path | Image.Image) -> str | None:
+    """None if the image decodes, else why not (in a few words)."""
+    if isinstance(image, Image.Image):
+        return None
+    try:
+        with Image.open(image) as opened:
+            opened.load()
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        return str(error) or type(error).__name__
+    return None
+
+
+def load_imagefolder(directory: str | Path, image_column: str = IMAGE_COLUMN, caption_column: str = "text") -> list[Example]:
+    """The examples of an imagefolder with captions; corrupt or missing images are skipped with a warning."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DatasetError(f"training data folder not found: {directory}")
+    metadata = next((directory / name for name in METADATA_FILES if (directory / name).is_file()), None)
+    if metadata is None:
+        metadata = next((directory / "train" / name for name in METADATA_FILES if (directory / "train" / name).is_file()), None)
+    if metadata is None:
+        raise DatasetError(
+            f"{directory} has no metadata.jsonl (or metadata.csv) giving each image's caption: "
+            'write one line per image like {"file_name": "cat.png", "text": "a cat"}'
+        )
+    rows = _read_metadata(metadata)
+    if not rows:
+        raise DatasetError(f"{metadata} lists no images: the training data set is empty")
+    columns = [IMAGE_COLUMN] + [c for c in rows[0] if c != FILE_NAME_COLUMN]
+    _check_columns(columns, image_column, caption_column, metadata)
+
+    examples, skipped = [], []
+    for number, row in enumerate(rows, start=1):
+        where = f"{metadata}, entry {number}"
+        if FILE_NAME_COLUMN not in row or caption_column not in row:
+            raise DatasetError(f"{where} lacks the {FILE_NAME_COLUMN!r} or {caption_column!r} field")
+        path = metadata.parent / str(row[FILE_NAME_COLUMN])
+        problem = "file not found" if not path.is_file() else decodes(path)
+        if problem is not None:
+            skipped.append((path, problem))
+            continue
+        examples.append(Example(path, _captions(row[caption_column], caption_column, where)))
+    if not examples:
+        raise DatasetError(f"no readable image in {directory} ({len(skipped)} listed, all missing or corrupt)")
+    for path, problem in skipped:
+        logger.warning("skipping unreadable image %s (%s)", path, problem)
+    return examples
+
+
+def load_hub_dataset(
+    name: str, config_name: str | None, cache_dir: str | None, data_dir: str | None, image_column: str, caption_column: str
+) -> list[Example]:
+    """The 'train' split of a 🤗 Hub data set (needs the `datasets` package); images are kept in memory."""
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise DatasetError(
+            f"--dataset_name {name!r} is not a local folder, and loading Hub data sets needs the `datasets` "
+            "package (pip install datasets); or pass a local imagefolder with --train_data_dir"
+        ) from None
+    try:
+        dataset = load_dataset(name, config_name, cache_dir=cache_dir, data_dir=data_dir)["train"]
+    except Exception as error:  # the datasets library raises many error types for a name it cannot load
+        raise DatasetError(f"cannot load data set {name!r}: {error}") from None
+    _check_columns(dataset.column_names, image_column, caption_column, f"data set {name!r}")
+    examples = []
+    for number, row in enumerate(dataset):
+        image = row[image_column]
+        if not isinstance(image, Image.Image):
+            raise DatasetError(f"--image_column {image_column!r} of {name!r} does not hold images")
+        examples.append(Example(image, _captions(row[caption_column], caption_column, f"{name!r} row {number}")))
+    if not examples:
+        raise DatasetError(f"data set {name!r} has no training examples")
+    return examples
+
+
+class ImageTransform:
+    """Resize the shorter side to `resolution`, crop a square (centre or random), maybe flip, scale to [-1, 1]."""
+
+    def __init__(self, resolution: int, center_crop: bool, random_flip: bool, interpolation: str = "lanczos") -> None:
+        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+        self.interpolation = INTERPOLATION_MODES[interpolation]
+
+    def __call__(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
+        image = image.convert("RGB")
+        scale = self.resolution / min(image.size)
+        size = (max(self.resolution, round(image.width * scale)), max(self.resolution, round(image.height * scale)))
+        if size != image.size:
+            image = image.resize(size, self.interpolation)
+        spare_x, spare_y = image.width - self.resolution, image.height - self.resolution
+        if self.center_crop:
+            left, top = spare_x // 2, spare_y // 2
+        else:
+            left = int(torch.randint(spare_x + 1, (), generator=generator))
+            top = int(torch.randint(spare_y + 1, (), generator=generator))
+        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        if self.random_flip and torch.rand((), generator=generator) < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
+        return pixels / 127.5 - 1.0
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """Yields {"pixel_values": 3×R×R in [-1, 1], "caption": str}; an image with several captions gets a random one.
+
+    The random crop, flip and caption of an example depend only on (seed, epoch, index), never on a global
+    generator: data loaders fetch ahead, so a resumed run would otherwise draw them in another order.
+    """
+
+    def __init__(self, examples: Sequence[Example], transform: ImageTransform, seed: int = 0) -> None:
+        self.examples, self.transform, self.seed, self.epoch = list(examples), transform, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        example = self.examples[index]
+        seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
+        generator = torch.Generator().manual_seed(seed)
+        if isinstance(example.image, Image.Image):
+            pixel_values = self.transform(example.image, generator)
+        else:
+            try:
+                with Image.open(example.image) as image:
+                    pixel_values = self.transform(image, generator)
+            except (OSError, UnidentifiedImageError, ValueError) as error:
+                raise DatasetError(f"image {example.image} became unreadable during training: {error}") from None
+        captions = example.captions
+        caption = captions[int(torch.randint(len(captions), (), generator=generator))] if len(captions) > 1 else captions[0]
+        return {"pixel_values": pixel_values, "caption": caption}
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler[int]):
+    """A new random order each epoch that depends only on (seed, epoch): a resumed run sees the same order."""
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def subset(examples: Sequence[Example], count: int, seed: int) -> list[Example]:
+    """`count` examples chosen at random (the same for the same seed), like diffusers' `--max_train_samples`."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    return [examples[i] for i in sorted(order[:count])]

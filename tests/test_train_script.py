@@ -1,0 +1,344 @@
+"""`train_text_to_image.py` (issue 4): every output of a default run, exact resume, crash safety, DDP on CPU,
+mixed precision, non-finite losses and bad input.
+
+The script runs as a subprocess (as users run it) on a tiny pipeline built here from configs; the default-run
+test uses the embedded default model and data with fewer steps.
+"""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from reslora_diffusers.formats import save_single_file_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "train_text_to_image.py"
+# One thread per run: the tiny models gain nothing from more, and a second thread on a busy 2-core machine
+# makes every step many times slower (threads waiting on each other).
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--dynamo_backend", "no"]
+
+
+# -- a tiny Stable Diffusion pipeline and data set --------------------------------------------------------------
+def _byte_symbols() -> list[str]:
+    """GPT-2 / CLIP's printable stand-ins for the 256 byte values."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    spare = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(spare)) for b in range(256)]
+
+
+def build_tiny_pipeline(path: Path) -> Path:
+    """A StableDiffusionPipeline folder: 32-px VAE (8×8×4 latents), 2-level UNet, 2-layer CLIP, byte-level tokenizer."""
+    torch.manual_seed(0)
+    symbols = _byte_symbols()
+    tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab_dir = path.parent / f"{path.name}-vocab"
+    vocab_dir.mkdir(parents=True)
+    (vocab_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (vocab_dir / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(vocab=str(vocab_dir / "vocab.json"), merges=str(vocab_dir / "merges.txt"), model_max_length=12)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokens), hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+            max_position_embeddings=12, bos_token_id=len(tokens) - 2, eos_token_id=len(tokens) - 1, pad_token_id=len(tokens) - 1,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=32, layers_per_block=1, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 8, 8),
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    )
+    scheduler = DDPMScheduler(prediction_type="v_prediction", clip_sample=False)
+    StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(path)
+    return path
+
+
+def write_imagefolder(path: Path, count: int, seed: int = 0) -> Path:
+    """`count` random non-square images with captions (some with a list of captions) in imagefolder layout."""
+    path.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(path / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"emoji {i}" if i % 3 else [f"emoji {i}", f"picture {i}"]})
+    (path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def add_corrupt_images(path: Path) -> list[str]:
+    """Adds a truncated PNG, a text file named .png and an entry whose file is missing."""
+    good = (path / "0.png").read_bytes()
+    (path / "truncated.png").write_bytes(good[: len(good) // 2])
+    (path / "not_an_image.png").write_text("hello")
+    names = ["truncated.png", "not_an_image.png", "missing.png"]
+    with (path / "metadata.jsonl").open("a") as f:
+        for name in names:
+            f.write(json.dumps({"file_name": name, "text": "broken"}) + "\n")
+    return names
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {"model": build_tiny_pipeline(root / "model"), "data": write_imagefolder(root / "data", 12)}
+
+
+# -- running the script -----------------------------------------------------------------------------------------
+def tiny_args(tiny, output_dir: Path, *extra) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", str(tiny["model"]), "--train_data_dir", str(tiny["data"]),
+        "--output_dir", str(output_dir), "--train_batch_size", "4", "--rank", "4", "--report_to", "none",
+        "--num_validation_images", "0", "--lr_warmup_steps", "2", *extra,
+    ]
+
+
+def run(args: list[str], launcher: list[str] | None = None, env: dict | None = None, timeout: int = 300):
+    command = (launcher or [sys.executable]) + [str(SCRIPT), *args]
+    return subprocess.run(command, cwd=ROOT, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+
+
+def check(result):
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+def adapter(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(directory / "reslora_adapter.safetensors")
+
+
+def assert_same_adapter(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def losses(directory: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (directory / "metrics.jsonl").read_text().splitlines()]
+
+
+def summary(directory: Path) -> dict:
+    return json.loads((directory / "training_summary.json").read_text())
+
+
+# -- the default run ----------------------------------------------------------------------------------------------
+def test_default_run_writes_every_output(tmp_path):
+    """The no-argument run (embedded model and data), shortened: every documented output is there and usable."""
+    out = tmp_path / "default"
+    result = check(run(["--output_dir", str(out), "--max_train_steps", "3", "--checkpointing_steps", "2",
+                        "--num_validation_images", "1", "--validation_inference_steps", "2"]))
+
+    config = json.loads((out / "reslora_config.json").read_text())
+    assert config["config"]["res_type"] == "is" and config["chains"]["unet"]
+    assert any(k.endswith("lora_B") and v.abs().max() > 0 for k, v in adapter(out).items())
+    diffusers_lora = load_file(out / "pytorch_lora_weights.safetensors")
+    assert diffusers_lora and all(k.startswith("unet.") and ".lora_" in k for k in diffusers_lora)
+    (kohya_file,) = (out / "kohya").glob("*.safetensors")
+    kohya = load_file(kohya_file)
+    assert any(k.startswith("lora_unet_") and k.endswith(".alpha") for k in kohya)
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all({"loss", "lr", "seconds", "images_per_second"} <= r.keys() and np.isfinite(r["loss"]) for r in records)
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    grids = sorted((out / "validation").glob("step-*.png"))
+    assert [g.name for g in grids] == ["step-000000.png", "step-000003.png"]
+    assert Image.open(grids[-1]).size == (64, 64 * 4)  # one column, a row per default prompt
+
+    card = (out / "README.md").read_text()
+    for needle in ("tiny-emoji-sd", "ResLoRA", "load_lora_weights", "ComfyUI", "AUTOMATIC1111", kohya_file.name, "step-000003.png"):
+        assert needle in card
+    assert (out / "checkpoint-2" / "reslora_checkpoint.json").is_file() and (out / "checkpoint-3").is_dir()
+    for label in ("native adapter", "diffusers LoRA", "kohya", "model card", "validation grids", "metrics", "tensorboard"):
+        assert label in result.stdout
+
+
+# -- resume and crash safety --------------------------------------------------------------------------------------
+def test_resume_gives_the_same_adapter_as_a_straight_run(tiny, tmp_path):
+    """N steps straight == N/2 steps, stop, resume from `latest`, N/2 more; with Delta-LoRA (moved base weights)
+    and the text encoder, stopping in the middle of an epoch."""
+    flags = ["--res_type", "none", "--delta_lora_ratio", "0.5", "--delta_lora_start", "2", "--train_text_encoder",
+             "--lr_scheduler", "constant_with_warmup", "--checkpointing_steps", "4"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    check(run(tiny_args(tiny, straight, *flags, "--max_train_steps", "8")))
+    check(run(tiny_args(tiny, resumed, *flags, "--max_train_steps", "4")))
+    result = check(run(tiny_args(tiny, resumed, *flags, "--max_train_steps", "8", "--resume_from_checkpoint", "latest")))
+
+    assert "Resuming from checkpoint" in result.stdout and summary(resumed)["steps_this_run"] == 4
+    assert_same_adapter(adapter(straight), adapter(resumed))
+    assert any(k.endswith("delta_lora_A_start") for k in adapter(resumed))
+    # The losses after the resume depend on the moved base weights W, so they show W was restored too.
+    np.testing.assert_allclose(losses(resumed), losses(straight), rtol=1e-5)
+    assert summary(resumed)["merge"] == "exact"
+
+
+def test_killed_run_resumes_from_its_last_complete_checkpoint(tiny, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    flags = ["--max_train_steps", "9", "--checkpointing_steps", "3"]
+    check(run(tiny_args(tiny, straight, *flags)))
+
+    command = [sys.executable, str(SCRIPT), *tiny_args(tiny, killed, *flags)]
+    process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "checkpoint-3").is_dir() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "checkpoint-9").exists(), "the run finished before it could be killed"
+    complete = max(int(p.name.split("-")[1]) for p in killed.glob("checkpoint-*") if (p / "reslora_checkpoint.json").is_file())
+    # What a crash in the middle of writing a checkpoint leaves behind must never be resumed from.
+    (killed / "checkpoint-99.tmp").mkdir(exist_ok=True)
+    (killed / "checkpoint-99.tmp" / "reslora_adapter.safetensors").write_bytes(b"half")
+    (killed / "checkpoint-98").mkdir()
+
+    result = check(run(tiny_args(tiny, killed, *flags, "--resume_from_checkpoint", "latest")))
+    assert f"Resuming from checkpoint {killed / f'checkpoint-{complete}'}" in result.stdout
+    assert not (killed / "checkpoint-99.tmp").exists()
+    assert_same_adapter(adapter(straight), adapter(killed))
+    np.testing.assert_allclose(losses(killed), losses(straight), rtol=1e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny, tmp_path):
+    """A learning rate of 1e30 makes the adapter overflow after one step: the next loss is not finite."""
+    out = tmp_path / "nan"
+    result = run(tiny_args(tiny, out, "--learning_rate", "1e30", "--lr_warmup_steps", "0", "--max_train_steps", "6",
+                           "--checkpointing_steps", "1"))
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "loss became" in errors[0] and str(out / "checkpoint-1") in errors[0]
+    assert "Traceback" not in result.stderr
+    assert (out / "checkpoint-1" / "reslora_checkpoint.json").is_file() and not (out / "checkpoint-2").exists()
+    assert torch.isfinite(adapter(out / "checkpoint-1")[next(iter(adapter(out / "checkpoint-1")))]).all()
+    assert not (out / "reslora_adapter.safetensors").exists()  # no final outputs from a broken state
+
+
+# -- data parallel and mixed precision ----------------------------------------------------------------------------
+def test_two_process_data_parallel_run_keeps_identical_replicas(tiny, tmp_path):
+    out = tmp_path / "ddp"
+    launcher = ACCELERATE + ["--multi_gpu", "--num_processes", "2", "--mixed_precision", "no"]
+    check(run(tiny_args(tiny, out, "--max_train_steps", "4", "--checkpointing_steps", "2", "--train_text_encoder",
+                        "--train_batch_size", "2"), launcher=launcher, env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}))
+    facts = summary(out)
+    assert facts["num_processes"] == 2 and facts["global_step"] == 4
+    assert facts["replica_max_difference"] == 0.0  # every adapter parameter compared across the two ranks
+    assert {p.name for p in (out / "checkpoint-4").glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+
+
+@pytest.mark.parametrize("precision, base", [("bf16", "folder"), ("fp16", "single_file")])
+def test_mixed_precision_from_accelerate_keeps_adapters_fp32(tiny, tmp_path, precision, base):
+    """Mixed precision set only on `accelerate launch`; also a data set with corrupt images (skipped with a
+    warning), and (fp16) a single-file .safetensors base described by --base_config."""
+    data = write_imagefolder(tmp_path / "data", 6)
+    broken = add_corrupt_images(data)
+    out = tmp_path / precision
+    args = tiny_args(tiny, out, "--train_data_dir", str(data), "--max_train_steps", "3", "--num_validation_images", "1",
+                     "--validation_inference_steps", "2")
+    if base == "single_file":
+        single_file = save_single_file_checkpoint(StableDiffusionPipeline.from_pretrained(tiny["model"]), tmp_path / "base.safetensors")
+        args += ["--pretrained_model_name_or_path", str(single_file), "--base_config", str(tiny["model"])]
+    result = check(run(args, launcher=ACCELERATE + ["--num_processes", "1", "--cpu", "--mixed_precision", precision]))
+    facts = summary(out)
+    assert facts["mixed_precision"] == precision and facts["global_step"] == 3
+    assert facts["base_dtype"] == {"bf16": "torch.bfloat16", "fp16": "torch.float16"}[precision]
+    assert facts["adapter_dtypes"] == ["torch.float32"]
+    assert {t.dtype for t in adapter(out).values() if t.is_floating_point()} == {torch.float32}
+    assert len(list((out / "validation").glob("*.png"))) == 2
+    for name in broken:
+        assert f"skipping unreadable image {data / name}" in result.stderr
+
+
+# -- bad input ----------------------------------------------------------------------------------------------------
+def _load_script():
+    spec = importlib.util.spec_from_file_location("train_text_to_image", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _bad_data(tmp_path: Path, kind: str) -> Path:
+    folder = tmp_path / f"data-{kind}"
+    if kind == "missing":
+        return folder
+    if kind in ("all_corrupt", "caption"):
+        write_imagefolder(folder, 2)
+        if kind == "all_corrupt":
+            for image in folder.glob("*.png"):
+                image.write_bytes(b"not a png")
+        return folder
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    if kind == "empty":
+        (folder / "metadata.jsonl").write_text("")
+    elif kind == "invalid_json":
+        (folder / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a"}\n{"file_name": \n')
+    return folder  # "no_metadata": images without captions
+
+
+BAD_INPUT = {
+    "missing model path": (lambda t, tmp: ["--pretrained_model_name_or_path", str(tmp / "nowhere")], "base model not found"),
+    "folder that is not a pipeline": (lambda t, tmp: ["--pretrained_model_name_or_path", str(t["data"])], "no model_index.json"),
+    "pipeline folder lacking a unet": (lambda t, tmp: ["--pretrained_model_name_or_path", str(_unet_less(t, tmp))], "it lacks unet"),
+    "missing data folder": (lambda t, tmp: ["--train_data_dir", str(_bad_data(tmp, "missing"))], "training data folder not found"),
+    "empty data set": (lambda t, tmp: ["--train_data_dir", str(_bad_data(tmp, "empty"))], "the training data set is empty"),
+    "unreadable metadata": (lambda t, tmp: ["--train_data_dir", str(_bad_data(tmp, "invalid_json"))], "line 2 is not valid JSON"),
+    "images without captions": (lambda t, tmp: ["--train_data_dir", str(_bad_data(tmp, "no_metadata"))], "has no metadata.jsonl"),
+    "only corrupt images": (lambda t, tmp: ["--train_data_dir", str(_bad_data(tmp, "all_corrupt"))], "no readable image"),
+    "missing caption column": (
+        lambda t, tmp: ["--train_data_dir", str(_bad_data(tmp, "caption")), "--caption_column", "prompt"],
+        "--caption_column 'prompt' is not a column",
+    ),
+    "rank 0": (lambda t, tmp: ["--rank", "0"], "--rank must be > 0"),
+    "negative rank": (lambda t, tmp: ["--rank", "-4"], "--rank must be > 0"),
+    "unknown res_type": (lambda t, tmp: ["--res_type", "xs"], "invalid choice: 'xs'"),
+    "Delta-LoRA with a shortcut": (lambda t, tmp: ["--delta_lora_ratio", "0.5"], "use --res_type none"),
+    "resume from a non-checkpoint": (lambda t, tmp: ["--resume_from_checkpoint", str(t["data"])], "is not a complete checkpoint"),
+}
+
+
+def _unet_less(tiny, tmp_path: Path) -> Path:
+    folder = tmp_path / "no-unet"
+    folder.mkdir()
+    index = json.loads((tiny["model"] / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({k: v for k, v in index.items() if k != "unet"}))
+    return folder
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_gets_one_clear_line_and_writes_nothing(tiny, tmp_path, capsys, case):
+    make_args, message = BAD_INPUT[case]
+    out = tmp_path / "out"
+    argv = [*tiny_args(tiny, out), *make_args(tiny, tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        _load_script().main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not out.exists()
+
+
+def test_bad_input_on_the_command_line_has_no_traceback(tmp_path):
+    result = run(["--rank", "0", "--output_dir", str(tmp_path / "out")])
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == ["error: --rank must be > 0, got 0 (see --help)"]
+    result = run(["--pretrained_model_name_or_path", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "out")])
+    assert result.returncode == 2 and result.stderr.strip() == f"error: base model not found: {tmp_path / 'nowhere'}"
+    assert not (tmp_path / "out").exists()

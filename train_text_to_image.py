@@ -1,0 +1,979 @@
+#!/usr/bin/env python
+"""Fine-tune Stable Diffusion (text to image) with ResLoRA, LoRA or Delta-LoRA adapters, using 🤗 accelerate.
+
+A drop-in for diffusers' `examples/text_to_image/train_text_to_image_lora.py` (same flags, same data sets)
+plus the adapter options. With no arguments it fine-tunes the embedded tiny emoji model on the Twemoji sample:
+
+    accelerate launch train_text_to_image.py            # or: python train_text_to_image.py
+
+    accelerate launch --mixed_precision fp16 train_text_to_image.py \\
+        --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+        --train_data_dir my_images --resolution 512 --rank 32 --lora_alpha 64 --res_type is \\
+        --train_batch_size 4 --learning_rate 1e-4 --max_train_steps 2000 --output_dir my-reslora
+
+The defaults (batch 8, learning rate 5e-3, 200 steps, rank 8, resolution = the base VAE's sample size) are
+tuned for the embedded tiny model, as diffusers' defaults were for its Pokémon example; pass your own for SD.
+
+Data parallel (DDP) through accelerate; every process trains on its own share of each batch:
+    one machine, 8 GPUs:   accelerate launch --multi_gpu --num_processes 8 train_text_to_image.py ...
+    2 machines × 8 GPUs:   on each: accelerate launch --multi_gpu --num_machines 2 --num_processes 16 \\
+                               --machine_rank <0|1> --main_process_ip <ip of rank 0> --main_process_port 29500 ...
+                           (--output_dir must be on a file system both machines share, for checkpoints)
+    CPU processes (gloo):  ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train_text_to_image.py
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from PIL import Image
+from tqdm.auto import tqdm
+
+import diffusers
+import transformers
+from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import compute_snr
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from reslora_diffusers import ResLoRAConfig, apply_reslora, save_adapter
+from reslora_diffusers.config import RES_TYPES
+from reslora_diffusers.formats import save_diffusers_lora, save_kohya_lora
+from reslora_diffusers.io import WEIGHTS_NAME, atomic_write, atomic_write_text, read_adapter
+from reslora_diffusers.merge import MERGE_METHODS, merge_adapter
+from reslora_diffusers.model_card import model_card
+from reslora_diffusers.training_data import (
+    INTERPOLATION_MODES,
+    DatasetError,
+    EpochShuffleSampler,
+    ImageCaptionDataset,
+    ImageTransform,
+    load_hub_dataset,
+    load_imagefolder,
+    subset,
+)
+
+logger = get_logger(__name__, log_level="INFO")
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_MODEL = ROOT / "assets" / "tiny-emoji-sd"
+DEFAULT_DATA = ROOT / "assets" / "twemoji-sample"
+DEFAULT_PROMPTS = ["fish", "french fries", "red apple", "grinning face"]
+CHECKPOINT_MARKER = "reslora_checkpoint.json"
+CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
+PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+class TrainingStopped(Exception):
+    """Training cannot go on (a non-finite loss, data that broke mid-run); the message says why and what is kept."""
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Bad input: one line on stderr, no traceback, a non-zero exit (every process, so none waits on another)."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.flush()
+    sys.exit(code)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of the whole usage block
+        fail(f"{message} (see --help)")
+
+
+def parse_args(argv=None):
+    parser = _Parser(description="Fine-tune Stable Diffusion with ResLoRA / LoRA / Delta-LoRA adapters.")
+    # Base model
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default=str(DEFAULT_MODEL),
+        help="Base model: a diffusers StableDiffusionPipeline folder, a Hub id, or a single-file .safetensors "
+        "checkpoint (see --base_config). Default: the embedded tiny emoji model.",
+    )
+    parser.add_argument(
+        "--base_config",
+        type=str,
+        default=None,
+        help="For a single-file checkpoint: a diffusers folder (or Hub id) whose configs and tokenizer describe it.",
+    )
+    parser.add_argument("--revision", type=str, default=None, help="Revision of a Hub base model.")
+    parser.add_argument("--variant", type=str, default=None, help="Variant of the base model's files, e.g. 'fp16'.")
+    # Data
+    parser.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help="A 🤗 Hub data set (needs the `datasets` package) or a local imagefolder. Overrides --train_data_dir.",
+    )
+    parser.add_argument("--dataset_config_name", type=str, default=None, help="Config of a Hub data set, if it has several.")
+    parser.add_argument(
+        "--train_data_dir",
+        type=str,
+        default=None,
+        help="An imagefolder: images plus a metadata.jsonl (or metadata.csv) with a 'file_name' and a caption column. "
+        "Default (when --dataset_name is not given either): the embedded Twemoji sample.",
+    )
+    parser.add_argument("--image_column", type=str, default="image", help="The column of the data set holding the images.")
+    parser.add_argument(
+        "--caption_column", type=str, default="text", help="The column holding a caption or a list of captions per image."
+    )
+    parser.add_argument("--max_train_samples", type=int, default=None, help="Train on this many examples only (chosen with --seed).")
+    parser.add_argument("--cache_dir", type=str, default=None, help="Where Hub models and data sets are cached.")
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="Training resolution: images are resized (shorter side) and cropped to it. Default: the base VAE's sample size.",
+    )
+    parser.add_argument("--center_crop", action="store_true", help="Crop the centre of each image (default: a random crop).")
+    parser.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
+    parser.add_argument(
+        "--image_interpolation_mode",
+        type=str,
+        default="lanczos",
+        choices=sorted(INTERPOLATION_MODES),
+        help="Resampling filter used to resize images.",
+    )
+    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading worker processes (0: the main process).")
+    # Validation
+    parser.add_argument(
+        "--validation_prompt",
+        type=str,
+        nargs="+",
+        default=DEFAULT_PROMPTS,
+        help="Prompt(s) sampled for the validation grids (one row each).",
+    )
+    parser.add_argument(
+        "--num_validation_images", type=int, default=4, help="Images per validation prompt (one column each); 0 turns validation off."
+    )
+    parser.add_argument("--validation_epochs", type=int, default=3, help="Validate every X epochs (and before and after training).")
+    parser.add_argument(
+        "--validation_steps", type=int, default=None, help="Validate every X optimizer steps instead of every --validation_epochs."
+    )
+    parser.add_argument("--validation_inference_steps", type=int, default=20, help="Denoising steps (DPM-Solver) of validation images.")
+    parser.add_argument("--validation_guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale of validation images.")
+    # Output
+    parser.add_argument(
+        "--output_dir",
+        type=str,
+        default="outputs/sd-model-finetuned-reslora",
+        help="Where the adapter, exports, validation images, logs and checkpoints are written.",
+    )
+    parser.add_argument(
+        "--logging_dir", type=str, default="logs", help="TensorBoard log folder, relative to --output_dir."
+    )
+    parser.add_argument(
+        "--report_to",
+        type=str,
+        default="tensorboard",
+        help="Where to report metrics: 'tensorboard', 'wandb', 'comet_ml', 'all' or 'none'.",
+    )
+    parser.add_argument("--push_to_hub", action="store_true", help="Upload --output_dir (without checkpoints) to the Hub at the end.")
+    parser.add_argument("--hub_token", type=str, default=None, help="Token for --push_to_hub.")
+    parser.add_argument("--hub_model_id", type=str, default=None, help="Hub repository for --push_to_hub (default: the output folder's name).")
+    # Training
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the whole run (data order, noise, adapter init, validation).")
+    parser.add_argument("--train_batch_size", type=int, default=8, help="Batch size per process.")
+    parser.add_argument("--num_train_epochs", type=int, default=100, help="Epochs to train (unless --max_train_steps is given).")
+    parser.add_argument(
+        "--max_train_steps", type=int, default=200, help="Optimizer steps to train; overrides --num_train_epochs. Pass 0 to use epochs."
+    )
+    parser.add_argument(
+        "--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated before each optimizer step."
+    )
+    parser.add_argument(
+        "--gradient_checkpointing", action="store_true", help="Recompute activations in backward to save memory (slower)."
+    )
+    parser.add_argument("--learning_rate", type=float, default=5e-3, help="Learning rate after the warm-up.")
+    parser.add_argument(
+        "--scale_lr", action="store_true", help="Multiply the learning rate by processes × accumulation steps × batch size."
+    )
+    parser.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="cosine",
+        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+        help="Learning-rate schedule.",
+    )
+    parser.add_argument("--lr_warmup_steps", type=int, default=20, help="Warm-up steps of the learning-rate schedule.")
+    parser.add_argument(
+        "--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (arXiv 2303.09556); 5.0 is usual. Off by default."
+    )
+    parser.add_argument("--use_8bit_adam", action="store_true", help="Use 8-bit AdamW from bitsandbytes.")
+    parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere or newer GPUs.")
+    parser.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    parser.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
+    parser.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
+    parser.add_argument("--adam_epsilon", type=float, default=1e-08, help="AdamW epsilon.")
+    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    parser.add_argument(
+        "--prediction_type",
+        type=str,
+        default=None,
+        choices=["epsilon", "v_prediction"],
+        help="Training target; default: the base scheduler's prediction_type.",
+    )
+    parser.add_argument("--noise_offset", type=float, default=0, help="Scale of the offset noise (0: off).")
+    parser.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Mixed precision; default: accelerate's setting. The frozen base runs in it, the adapters stay fp32.",
+    )
+    parser.add_argument(
+        "--enable_xformers_memory_efficient_attention",
+        action="store_true",
+        help="Accepted for compatibility; ResLoRA's attention processors always use PyTorch scaled_dot_product_attention.",
+    )
+    parser.add_argument("--local_rank", type=int, default=-1, help="Set by the distributed launcher.")
+    # Checkpoints
+    parser.add_argument(
+        "--checkpointing_steps", type=int, default=100, help="Save a resumable checkpoint every X optimizer steps."
+    )
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    parser.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help="Resume from a checkpoint folder, or 'latest' for the newest complete one in --output_dir.",
+    )
+    # Adapter
+    parser.add_argument("--res_type", type=str, default="is", choices=RES_TYPES, help="'none' = plain LoRA; 'is' / 'bs' / 'ms' ResLoRA shortcut.")
+    parser.add_argument("--pre_num", type=int, default=-1, help="How many previous blocks a shortcut reaches (-1: all).")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank of every adapter block.")
+    parser.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha; the branch is scaled by alpha / rank. Default: the rank.")
+    parser.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA branch input.")
+    parser.add_argument("--train_text_encoder", action="store_true", help="Also train adapters on the CLIP text encoder's attention.")
+    parser.add_argument(
+        "--delta_lora_ratio", type=float, default=0.0, help="Delta-LoRA lambda (0: off); needs --res_type none."
+    )
+    parser.add_argument("--delta_lora_start", type=int, default=500, help="Delta-LoRA K: the step after which the frozen weights move.")
+    parser.add_argument(
+        "--merge_method",
+        type=str,
+        default="input",
+        choices=MERGE_METHODS,
+        help="How 'is' / 'ms' shortcuts are folded into the exported plain-LoRA files (exact for none / bs / Delta-LoRA).",
+    )
+
+    args = parser.parse_args(argv)
+    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if env_local_rank != -1:
+        args.local_rank = env_local_rank
+
+    # Sanity checks
+    if args.dataset_name is None and args.train_data_dir is None:
+        args.train_data_dir = str(DEFAULT_DATA)
+    if args.max_train_steps == 0:
+        args.max_train_steps = None
+    required = ["train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "checkpointing_steps"]
+    required += ["validation_epochs", "validation_inference_steps"]
+    optional = ["max_train_steps", "max_train_samples", "resolution", "checkpoints_total_limit", "validation_steps"]
+    for name in required + optional:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name} must be > 0, got {value}")
+    if args.rank <= 0:
+        parser.error(f"--rank must be > 0, got {args.rank}")
+    if args.learning_rate <= 0:
+        parser.error(f"--learning_rate must be > 0, got {args.learning_rate}")
+    for name in ("num_validation_images", "lr_warmup_steps", "noise_offset", "max_grad_norm", "dataloader_num_workers"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.snr_gamma is not None and args.snr_gamma <= 0:
+        parser.error(f"--snr_gamma must be > 0, got {args.snr_gamma}")
+    if args.lora_alpha is None:
+        args.lora_alpha = float(args.rank)
+    try:
+        args.adapter_config = ResLoRAConfig(
+            res_type=args.res_type,
+            pre_num=args.pre_num,
+            rank=args.rank,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            delta_lora_ratio=args.delta_lora_ratio,
+            delta_lora_start=args.delta_lora_start,
+        )
+    except ValueError as error:
+        message = str(error).replace("res_type='none'", "--res_type none").replace("lora_dropout=0", "--lora_dropout 0")
+        parser.error(message)
+    return args
+
+
+# -- the base model -----------------------------------------------------------------------------------------
+def check_base(args) -> None:
+    """Fails early (before anything is written or loaded) on a base model path that cannot work."""
+    path = Path(args.pretrained_model_name_or_path)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            fail(f"{path}: a single-file base must be a .safetensors checkpoint (pickled .ckpt files are unsafe)")
+        if args.base_config is not None and not Path(args.base_config).exists() and not _hub_id(args.base_config):
+            fail(f"--base_config not found: {args.base_config}")
+        return
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.is_file():
+            fail(f"{path} is not a Stable Diffusion pipeline folder: it has no model_index.json")
+        try:
+            components = json.loads(index.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            fail(f"{index} is not valid JSON: {error}")
+        missing = [c for c in PIPELINE_COMPONENTS if not (isinstance(components.get(c), list) and components[c][0])]
+        missing += [c for c in PIPELINE_COMPONENTS if c not in missing and not (path / c).is_dir()]
+        if missing:
+            fail(f"{path} is not a Stable Diffusion pipeline folder: it lacks {', '.join(missing)}")
+        return
+    if not _hub_id(args.pretrained_model_name_or_path):
+        fail(f"base model not found: {path}")
+
+
+def _hub_id(name: str) -> bool:
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.startswith((".", "/"))
+
+
+def load_base(args):
+    """(tokenizer, noise scheduler, text encoder, vae, unet) of a diffusers folder, Hub id or single file."""
+    from reslora_diffusers.pipeline_io import UserInputError, load_pipeline
+
+    name = args.pretrained_model_name_or_path
+    if Path(name).is_file():
+        try:
+            pipe = load_pipeline(name, args.base_config)
+        except UserInputError as error:
+            fail(str(error))
+        scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        return pipe.tokenizer, scheduler, pipe.text_encoder, pipe.vae, pipe.unet
+    common = {"revision": args.revision, "cache_dir": args.cache_dir}
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **common)
+        scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", **common)
+        text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", variant=args.variant, **common)
+        vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=args.variant, **common)
+        unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", variant=args.variant, **common)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        first_line = (str(error).strip() or type(error).__name__).splitlines()[0]
+        fail(f"cannot load the Stable Diffusion model {name}: {first_line}")
+    return tokenizer, scheduler, text_encoder, vae, unet
+
+
+def load_examples(args):
+    """The training examples; bad data (empty, unreadable, missing columns) fails here, before training starts."""
+    try:
+        if args.dataset_name is not None and not Path(args.dataset_name).is_dir():
+            examples = load_hub_dataset(
+                args.dataset_name, args.dataset_config_name, args.cache_dir, args.train_data_dir, args.image_column, args.caption_column
+            )
+        else:
+            folder = args.dataset_name if args.dataset_name is not None else args.train_data_dir
+            examples = load_imagefolder(folder, args.image_column, args.caption_column)
+    except DatasetError as error:
+        fail(str(error))
+    if args.max_train_samples is not None and args.max_train_samples < len(examples):
+        examples = subset(examples, args.max_train_samples, args.seed)
+    return examples
+
+
+# -- checkpoints ----------------------------------------------------------------------------------------------
+def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint, oldest first. Folders still being written have another name."""
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for child in output_dir.iterdir():
+        match = CHECKPOINT_PATTERN.fullmatch(child.name)
+        if match and (child / CHECKPOINT_MARKER).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def save_checkpoint(accelerator: Accelerator, args, global_step: int, epoch: int) -> Path:
+    """`accelerator.save_state` into a temporary folder, renamed to `checkpoint-<step>` once every file is there.
+
+    A crash while writing leaves only `checkpoint-<step>.tmp`, which `latest` never picks (and the next save removes).
+    """
+    output_dir = Path(args.output_dir)
+    final = output_dir / f"checkpoint-{global_step}"
+    staging = output_dir / f"checkpoint-{global_step}.tmp"
+    if accelerator.is_main_process and staging.exists():
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        marker = {"global_step": global_step, "epoch": epoch, "num_processes": accelerator.num_processes}
+        atomic_write_text(staging / CHECKPOINT_MARKER, json.dumps(marker, indent=2))
+        if final.exists():  # the same step saved before a resume: replace it only now that the new one is complete
+            old = output_dir / f"checkpoint-{global_step}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            staging.rename(final)
+            shutil.rmtree(old)
+        else:
+            staging.rename(final)
+        # Older checkpoints go only after the new one is complete.
+        if args.checkpoints_total_limit is not None:
+            for _, folder in complete_checkpoints(output_dir)[: -args.checkpoints_total_limit]:
+                shutil.rmtree(folder)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_resume_checkpoint(args) -> Path | None:
+    output_dir = Path(args.output_dir)
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = complete_checkpoints(output_dir)
+        return checkpoints[-1][1] if checkpoints else None
+    path = Path(args.resume_from_checkpoint)
+    if not path.exists():
+        path = output_dir / path.name
+    if not (path / CHECKPOINT_MARKER).is_file():
+        fail(f"{args.resume_from_checkpoint} is not a complete checkpoint of this script (no {CHECKPOINT_MARKER})")
+    return path
+
+
+# -- metrics, validation, outputs ---------------------------------------------------------------------------------
+class MetricsFile:
+    """`metrics.jsonl`: one JSON line per optimizer step. On resume, lines after the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int) -> None:
+        self.path = path
+        kept = []
+        if resume_step > 0 and path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= resume_step:
+                        kept.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    break  # a line cut by a crash
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        self.file = path.open("a")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def image_grid(rows: list[list[Image.Image]]) -> Image.Image:
+    width, height = rows[0][0].size
+    grid = Image.new("RGB", (width * len(rows[0]), height * len(rows)), "white")
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            grid.paste(image, (c * width, r * height))
+    return grid
+
+
+def validation_pipeline(accelerator, args, unet, text_encoder, vae, tokenizer, noise_scheduler):
+    """The base pipeline running through the live adapter (no copy), with a fast DPM-Solver sampler."""
+    # Imported here, once transformers' logging is quiet: the pipeline module pulls in image processors that
+    # warn about optional backends the training never uses.
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=accelerator.unwrap_model(text_encoder),
+        tokenizer=tokenizer,
+        unet=accelerator.unwrap_model(unet),
+        scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def log_validation(pipeline, accelerator, args, step: int) -> Path:
+    """One grid (a row per prompt, the same seeds every time) saved as PNG and sent to TensorBoard."""
+    unet, text_encoder = pipeline.unet, pipeline.text_encoder
+    was_training = unet.training, text_encoder.training
+    unet.eval()
+    text_encoder.eval()
+    rows = []
+    with accelerator.autocast():
+        for prompt in args.validation_prompt:
+            generators = [torch.Generator(device="cpu").manual_seed(args.seed + i) for i in range(args.num_validation_images)]
+            rows.append(
+                pipeline(
+                    prompt,
+                    num_images_per_prompt=args.num_validation_images,
+                    num_inference_steps=args.validation_inference_steps,
+                    guidance_scale=args.validation_guidance_scale,
+                    height=args.resolution,
+                    width=args.resolution,
+                    generator=generators,
+                ).images
+            )
+    unet.train(was_training[0])
+    text_encoder.train(was_training[1])
+    grid = image_grid(rows)
+    path = Path(args.output_dir) / "validation" / f"step-{step:06d}.png"
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+    return path
+
+
+def export_merged(adapter, args, calibration) -> tuple[str, Path, Path]:
+    """Merges the adapter into plain LoRA factors and writes the diffusers and kohya files."""
+    result = merge_adapter(adapter, method=args.merge_method, calibration=calibration)
+    output_dir = Path(args.output_dir)
+    metadata = {
+        "reslora_res_type": adapter.config.res_type,
+        "reslora_pre_num": str(adapter.config.pre_num),
+        "reslora_merge_method": result.method,
+        "reslora_config": adapter.config.to_json(),
+        "reslora_base_model": args.pretrained_model_name_or_path,
+    }
+    diffusers_file = save_diffusers_lora(result.factors, output_dir, metadata=metadata)
+    name = re.sub(r"[^\w.-]+", "_", output_dir.resolve().name) or "reslora"
+    kohya_file = save_kohya_lora(result.factors, output_dir / "kohya" / f"{name}.safetensors", metadata)
+    return result.method, Path(diffusers_file), Path(kohya_file)
+
+
+def adapter_replica_difference(accelerator, adapter) -> float:
+    """Largest difference between this process's adapter and any other's (0.0: all replicas identical)."""
+    flat = torch.cat([p.detach().float().flatten() for p in adapter.trainable_parameters()])
+    gathered = accelerator.gather(flat.unsqueeze(0))
+    return float((gathered - gathered[0]).abs().max())
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # Everything that can be checked without loading models is checked before anything is written.
+    check_base(args)
+    examples = load_examples(args)
+    output_dir = Path(args.output_dir)
+    resume_from = find_resume_checkpoint(args) if args.resume_from_checkpoint else None
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            fail("--use_8bit_adam needs the bitsandbytes package (pip install bitsandbytes)")
+    if args.report_to in ("tensorboard", "all"):
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            fail("--report_to tensorboard needs the tensorboard package (pip install tensorboard), or pass --report_to none")
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+    )
+    # Make one log on every process with the configuration for debugging.
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.set_verbosity_error()
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages would break the progress bar
+    if args.enable_xformers_memory_efficient_attention:
+        logger.warning("ResLoRA's attention processors use PyTorch scaled_dot_product_attention; xformers is not needed")
+
+    # On CPU, one thread per process unless OMP_NUM_THREADS says otherwise: the small matrices of a LoRA step
+    # gain little from more, and on a busy machine extra threads wait on each other (measured: 4x slower on 2 cores).
+    if accelerator.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+        logger.info("CPU training with 1 thread per process (set OMP_NUM_THREADS to use more)")
+
+    # Each process gets its own seed, so processes draw different noise for their different images.
+    set_seed(args.seed, device_specific=True)
+
+    # Load the tokenizer, noise scheduler and models.
+    tokenizer, noise_scheduler, text_encoder, vae, unet = load_base(args)
+    if args.prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+        fail(f"the base scheduler predicts {noise_scheduler.config.prediction_type!r}; pass --prediction_type epsilon or v_prediction")
+    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if args.resolution is None:
+        args.resolution = int(vae.config.sample_size)
+    if args.resolution % vae_scale_factor:
+        fail(f"--resolution must be a multiple of {vae_scale_factor} (the VAE's downsampling factor), got {args.resolution}")
+
+    # The frozen base runs in the mixed-precision dtype (the adapters stay fp32). With Delta-LoRA the base
+    # weights move by small steps every update, which a 16-bit weight would round away: they stay fp32.
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    base_dtype = torch.float32 if args.adapter_config.delta_lora else weight_dtype
+    vae.requires_grad_(False)
+    vae.to(accelerator.device, dtype=weight_dtype)
+    unet.to(accelerator.device, dtype=base_dtype)
+    text_encoder.to(accelerator.device, dtype=base_dtype)
+
+    # Add the adapter blocks (fp32) to the UNet attention projections (and the text encoder's); the base stays frozen.
+    text_encoder.requires_grad_(False)
+    adapter = apply_reslora(unet, args.adapter_config, text_encoder=text_encoder if args.train_text_encoder else None)
+    logger.info(f"{adapter}: {sum(p.numel() for p in adapter.trainable_parameters()):,} trainable parameters")
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+
+    optimizer_class = bnb.optim.AdamW8bit if args.use_8bit_adam else torch.optim.AdamW
+    optimizer = optimizer_class(
+        adapter.trainable_parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+    # The data: a new order every epoch, fixed by (seed, epoch), so a resumed run sees the same batches.
+    transform = ImageTransform(args.resolution, args.center_crop, args.random_flip, args.image_interpolation_mode)
+    train_dataset = ImageCaptionDataset(examples, transform, seed=args.seed)
+
+    def collate_fn(batch):
+        pixel_values = torch.stack([example["pixel_values"] for example in batch]).contiguous()
+        input_ids = tokenizer(
+            [example["caption"] for example in batch],
+            max_length=tokenizer.model_max_length,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return {"pixel_values": pixel_values, "input_ids": input_ids}
+
+    sampler = EpochShuffleSampler(len(train_dataset), args.seed)
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset,
+        sampler=sampler,
+        collate_fn=collate_fn,
+        batch_size=args.train_batch_size,
+        num_workers=args.dataloader_num_workers,
+        # Its own generator: creating an iterator then draws nothing from the global one that noise comes from.
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+
+    # Scheduler and math around the number of training steps.
+    batches_per_process = math.ceil(len(train_dataloader) / accelerator.num_processes)
+    num_update_steps_per_epoch = math.ceil(batches_per_process / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+
+    # Prepare everything with our `accelerator` (DDP wraps the models whose adapter blocks are trained).
+    if args.train_text_encoder:
+        unet, text_encoder, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+            unet, text_encoder, optimizer, train_dataloader, lr_scheduler
+        )
+    else:
+        unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader, lr_scheduler)
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+
+    # Checkpoints hold the adapter (factors, input-norm windows, Delta-LoRA step-K factors) as safetensors,
+    # not the frozen base, which is reloaded from --pretrained_model_name_or_path.
+    def save_model_hook(models, weights, checkpoint_dir):
+        if accelerator.is_main_process:
+            save_adapter(adapter, checkpoint_dir, extra={"base_model": args.pretrained_model_name_or_path})
+        weights.clear()
+
+    def load_model_hook(models, checkpoint_dir):
+        models.clear()
+        try:
+            metadata, tensors = read_adapter(checkpoint_dir)
+            if metadata["config"] != adapter.config.to_dict():
+                raise ValueError(f"it was trained with other adapter settings ({metadata['config']}); pass the same flags to resume")
+            # The base is fresh from disk here, so Delta-LoRA's moved weights are rebuilt exactly once.
+            adapter.load_state_dict(tensors, move_delta_lora_weights=True)
+        except (ValueError, FileNotFoundError) as error:  # AdapterMismatchError is a ValueError
+            fail(f"cannot resume from {checkpoint_dir}: {error}")
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    global_step, first_epoch = 0, 0
+    if resume_from is not None:
+        accelerator.print(f"Resuming from checkpoint {resume_from}")
+        accelerator.load_state(str(resume_from))
+        global_step = json.loads((resume_from / CHECKPOINT_MARKER).read_text())["global_step"]
+        first_epoch = global_step // num_update_steps_per_epoch
+    elif args.resume_from_checkpoint == "latest":
+        accelerator.print(f"No complete checkpoint in {output_dir}: starting a new training run.")
+    resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
+
+    # From here on, files are written.
+    metrics = None
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in output_dir.glob("checkpoint-*.tmp"):
+            shutil.rmtree(leftover)  # a checkpoint a crash cut short; never complete, never resumed from
+        tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("reslora-text2image", config=tracker_config)
+        metrics = MetricsFile(output_dir / "metrics.jsonl", global_step)
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("***** Running training *****")
+    logger.info(f"  Num examples = {len(train_dataset)}")
+    logger.info(f"  Num Epochs = {args.num_train_epochs}")
+    logger.info(f"  Instantaneous batch size per device = {args.train_batch_size}")
+    logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
+    logger.info(f"  Gradient Accumulation steps = {args.gradient_accumulation_steps}")
+    logger.info(f"  Total optimization steps = {args.max_train_steps}")
+
+    validate = args.num_validation_images > 0 and bool(args.validation_prompt)
+    pipeline = validation_pipeline(accelerator, args, unet, text_encoder, vae, tokenizer, noise_scheduler)
+    grids = []
+    if validate and accelerator.is_main_process and global_step == 0:
+        grids.append(log_validation(pipeline, accelerator, args, 0))  # the base model, for comparison
+    accelerator.wait_for_everyone()
+
+    progress_bar = tqdm(
+        range(args.max_train_steps),
+        initial=global_step,
+        desc="Steps",
+        # Only show the progress bar once on each machine.
+        disable=not accelerator.is_local_main_process,
+    )
+    train_models = [unet, text_encoder] if args.train_text_encoder else [unet]
+    last_checkpoint = resume_from
+    start_time, start_step = time.time(), global_step
+    train_loss = 0.0
+    try:
+        for epoch in range(first_epoch, args.num_train_epochs):
+            for model in train_models:
+                model.train()
+            dataloader = train_dataloader
+            if epoch == first_epoch and resume_batches:
+                dataloader = accelerator.skip_first_batches(train_dataloader, resume_batches)
+            # accelerate re-sets the sampler's epoch from its own counter, which starts at 0 after a resume.
+            dataloader.set_epoch(epoch)
+            sampler.set_epoch(epoch)
+            train_dataset.set_epoch(epoch)
+            for batch in dataloader:
+                if global_step >= args.max_train_steps:
+                    break
+                with accelerator.accumulate(*train_models):
+                    # Convert images to latent space
+                    with torch.no_grad():
+                        latents = vae.encode(batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)).latent_dist.sample()
+                    latents = latents * vae.config.scaling_factor
+
+                    # Sample noise that we'll add to the latents
+                    noise = torch.randn_like(latents)
+                    if args.noise_offset:
+                        # https://www.crosslabs.org//blog/diffusion-with-offset-noise
+                        noise += args.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), device=latents.device)
+
+                    # Sample a random timestep for each image
+                    bsz = latents.shape[0]
+                    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device).long()
+
+                    # Add noise to the latents according to the noise magnitude at each timestep (the forward diffusion process)
+                    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+
+                    # Get the text embedding for conditioning
+                    with torch.set_grad_enabled(args.train_text_encoder):
+                        encoder_hidden_states = text_encoder(batch["input_ids"].to(accelerator.device), return_dict=False)[0]
+
+                    # Get the target for loss depending on the prediction type
+                    if noise_scheduler.config.prediction_type == "epsilon":
+                        target = noise
+                    else:
+                        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+
+                    # Predict the noise residual (or velocity) and compute the loss
+                    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+                    if args.snr_gamma is None:
+                        loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+                    else:
+                        # Min-SNR weighting (arXiv 2303.09556, Section 3.4), adapted to the prediction type.
+                        snr = compute_snr(noise_scheduler, timesteps)
+                        weights = torch.clamp(snr, max=args.snr_gamma)
+                        weights = weights / snr if noise_scheduler.config.prediction_type == "epsilon" else weights / (snr + 1)
+                        loss = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
+                        loss = (loss * weights).mean()
+
+                    # Gather the losses across all processes for logging; every process sees the same value,
+                    # so a non-finite loss stops all of them together, before the adapter is touched.
+                    avg_loss = accelerator.gather(loss.detach().repeat(bsz)).mean()
+                    if not torch.isfinite(avg_loss):
+                        raise TrainingStopped(
+                            f"the loss became {avg_loss.item()} at step {global_step + 1}; training stopped without saving "
+                            "the broken state (try a lower --learning_rate, or --mixed_precision bf16 instead of fp16)"
+                        )
+                    train_loss += avg_loss.item() / args.gradient_accumulation_steps
+
+                    # Backpropagate
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(adapter.trainable_parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+
+                # Checks if the accelerator has performed an optimization step behind the scenes
+                if accelerator.sync_gradients:
+                    global_step += 1
+                    adapter.step(global_step)  # Delta-LoRA moves the frozen weights here
+                    progress_bar.update(1)
+                    seconds = time.time() - start_time
+                    record = {
+                        "step": global_step,
+                        "epoch": epoch,
+                        "loss": train_loss,
+                        "lr": lr_scheduler.get_last_lr()[0],
+                        "seconds": round(seconds, 3),
+                        "images_per_second": round((global_step - start_step) * total_batch_size / max(seconds, 1e-9), 3),
+                    }
+                    accelerator.log({"train_loss": train_loss, "lr": record["lr"]}, step=global_step)
+                    if metrics is not None:
+                        metrics.write(record)
+                    progress_bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{record['lr']:.2e}")
+                    train_loss = 0.0
+
+                    if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+                        last_checkpoint = save_checkpoint(accelerator, args, global_step, epoch)
+                        logger.info(f"saved checkpoint {last_checkpoint}")
+                    if validate and args.validation_steps and global_step % args.validation_steps == 0:
+                        if accelerator.is_main_process and global_step < args.max_train_steps:
+                            grids.append(log_validation(pipeline, accelerator, args, global_step))
+                        accelerator.wait_for_everyone()
+
+            end_of_run = global_step >= args.max_train_steps
+            if validate and not args.validation_steps and (epoch + 1) % args.validation_epochs == 0 and not end_of_run:
+                if accelerator.is_main_process:
+                    grids.append(log_validation(pipeline, accelerator, args, global_step))
+                accelerator.wait_for_everyone()
+            if end_of_run:
+                break
+    except (TrainingStopped, DatasetError) as stop:
+        kept = f"the last complete checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+        progress_bar.close()
+        accelerator.end_training()
+        fail(f"{stop}; {kept}", code=1)
+    progress_bar.close()
+    train_seconds = time.time() - start_time
+
+    # The replicas of a data-parallel run must agree; this is checked, not assumed.
+    replica_difference = adapter_replica_difference(accelerator, adapter)
+    if replica_difference != 0.0:
+        logger.warning(f"adapter replicas differ across processes by up to {replica_difference:.3g}")
+
+    # Save the adapter, the merged exports, the last validation grid and the model card.
+    if accelerator.is_main_process:
+        final_loss = None
+        if metrics is not None:
+            metrics.close()
+            lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+            final_loss = json.loads(lines[-1])["loss"] if lines else None
+        save_adapter(adapter, output_dir, extra={"base_model": args.pretrained_model_name_or_path, "global_step": global_step})
+        if validate:
+            grids.append(log_validation(pipeline, accelerator, args, global_step))
+
+        def calibration():  # the lstsq merge: the unmerged model on the validation prompts
+            pipeline(list(args.validation_prompt), num_inference_steps=8, height=args.resolution, width=args.resolution,
+                     generator=torch.Generator().manual_seed(args.seed), output_type="latent")
+
+        merge, diffusers_file, kohya_file = export_merged(adapter, args, calibration)
+        adapter_dtypes = sorted({str(p.dtype) for p in adapter.trainable_parameters()})
+        trained_steps = global_step - start_step
+        summary = {
+            "global_step": global_step,
+            "steps_this_run": trained_steps,
+            "resumed_from": str(resume_from) if resume_from else None,
+            "train_seconds": round(train_seconds, 1),
+            "images_per_second": round(trained_steps * total_batch_size / max(train_seconds, 1e-9), 2),
+            "final_loss": final_loss,
+            "num_processes": accelerator.num_processes,
+            "mixed_precision": accelerator.mixed_precision,
+            "base_dtype": str(base_dtype),
+            "adapter_dtypes": adapter_dtypes,
+            "replica_max_difference": replica_difference,
+            "merge": merge,
+        }
+        atomic_write_text(output_dir / "training_summary.json", json.dumps(summary, indent=2))
+        dataset = args.dataset_name or args.train_data_dir
+        card = model_card(
+            output_dir=output_dir,
+            base_model=args.pretrained_model_name_or_path,
+            dataset=dataset,
+            config=adapter.config,
+            merge_method=args.merge_method,
+            settings={
+                "resolution": args.resolution,
+                "batch size (total)": total_batch_size,
+                "optimizer steps": global_step,
+                "learning rate / schedule / warm-up": f"{args.learning_rate:g} / {args.lr_scheduler} / {args.lr_warmup_steps}",
+                "prediction type": noise_scheduler.config.prediction_type,
+                "snr_gamma": args.snr_gamma,
+                "mixed precision": accelerator.mixed_precision,
+                "processes": accelerator.num_processes,
+                "seed": args.seed,
+            },
+            results={
+                "final loss": f"{final_loss:.4f}" if final_loss is not None else "n/a",
+                "training time": f"{train_seconds:.0f} s ({summary['images_per_second']} images/s)",
+                "merge": merge,
+            },
+            kohya_file=kohya_file,
+            validation_grids=grids,
+            validation_prompts=list(args.validation_prompt),
+            trained_text_encoder=args.train_text_encoder,
+        )
+        atomic_write_text(output_dir / "README.md", card)
+        if args.push_to_hub:
+            push_to_hub(args, output_dir)
+
+        # A final summary of where everything went.
+        where = [
+            ("native adapter", output_dir / WEIGHTS_NAME),
+            ("diffusers LoRA", diffusers_file),
+            ("kohya / A1111 / ComfyUI LoRA", kohya_file),
+            ("model card", output_dir / "README.md"),
+            ("validation grids", output_dir / "validation" if grids else "off"),
+            ("metrics", output_dir / "metrics.jsonl"),
+            ("tensorboard", f"tensorboard --logdir {output_dir / args.logging_dir}" if args.report_to != "none" else "off"),
+            ("last checkpoint", last_checkpoint),
+        ]
+        loss_text = f"final loss {final_loss:.4f}" if final_loss is not None else "no step run"
+        accelerator.print(
+            f"\nTrained {adapter} for {trained_steps} steps in {train_seconds:.0f} s "
+            f"({summary['images_per_second']} images/s, {loss_text}, merge: {merge})."
+        )
+        for label, value in where:
+            accelerator.print(f"  {label:<30} {value}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def push_to_hub(args, output_dir: Path) -> None:
+    from huggingface_hub import create_repo, upload_folder
+
+    try:
+        repo_id = create_repo(args.hub_model_id or output_dir.resolve().name, exist_ok=True, token=args.hub_token).repo_id
+        upload_folder(repo_id=repo_id, folder_path=output_dir, ignore_patterns=["checkpoint-*", "checkpoint-*/**"], token=args.hub_token)
+    except Exception as error:  # the upload is the last step: the files are all on disk whatever happens here
+        logger.warning(f"upload to the Hub failed: {error}")
+
+
+if __name__ == "__main__":
+    main()
