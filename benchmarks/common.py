@@ -1,0 +1,244 @@
+"""Shared by `speed.py` and `convergence.py`: the methods compared, attaching / detaching them, timing and memory.
+
+Method keys (as given to `--methods`):
+
+    floor      the frozen base: forward + backward to the input sample, no adapter (speed only)
+    peft       PEFT's LoRA through `unet.add_adapter(LoraConfig(...))`, as diffusers' own LoRA script (speed only)
+    lora       our plain LoRA (res_type "none")
+    is         ResLoRA input shortcut
+    bs, ms     ResLoRA block / middle shortcut over all previous blocks of a chain (pre_num = -1)
+    bs_mK      the same with pre_num = K (a small value, e.g. bs_m1); likewise ms_mK
+    delta      Delta-LoRA on plain LoRA
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import platform
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from reslora_diffusers import ResLoRAAdapter, ResLoRAConfig, apply_reslora
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+_SHORTCUT_KEY = re.compile(r"^(bs|ms)_m(\d+)$")
+
+
+@dataclass(frozen=True)
+class Method:
+    key: str
+    label: str
+    kind: str  # "floor", "peft" or "ours"
+    res_type: str = "none"
+    pre_num: int = -1
+    delta: bool = False
+
+
+def method(key: str) -> Method:
+    """The method a `--methods` key names; a concise error for an unknown key."""
+    fixed = {
+        "floor": Method("floor", "frozen base fwd+bwd (floor)", "floor"),
+        "peft": Method("peft", "PEFT LoRA", "peft"),
+        "lora": Method("lora", "LoRA (ours)", "ours"),
+        "is": Method("is", "ResLoRA is", "ours", res_type="is"),
+        "bs": Method("bs", "ResLoRA bs (m=all)", "ours", res_type="bs"),
+        "ms": Method("ms", "ResLoRA ms (m=all)", "ours", res_type="ms"),
+        "delta": Method("delta", "Delta-LoRA", "ours", delta=True),
+    }
+    if key in fixed:
+        return fixed[key]
+    match = _SHORTCUT_KEY.match(key)
+    if match:
+        res_type, pre_num = match.group(1), int(match.group(2))
+        return Method(key, f"ResLoRA {res_type} (m={pre_num})", "ours", res_type=res_type, pre_num=pre_num)
+    raise ValueError(f"unknown method {key!r}: use floor, peft, lora, is, bs, ms, bs_mK, ms_mK (K >= 1) or delta")
+
+
+def parse_methods(text: str) -> list[Method]:
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    if not keys:
+        raise ValueError("--methods is empty")
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"--methods lists a method twice: {text}")
+    return [method(k) for k in keys]
+
+
+@dataclass
+class Attached:
+    """A method attached to a UNet: its trainable parameters, and how to take it out again."""
+
+    method: Method
+    params: list[nn.Parameter]
+    adapter: ResLoRAAdapter | None = None
+    detach: Callable[[], None] = lambda: None
+
+    def after_optimizer_step(self, global_step: int) -> None:
+        if self.adapter is not None:
+            self.adapter.step(global_step)
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    rank: int
+    lora_alpha: float
+    delta_lora_ratio: float = 0.5
+    delta_lora_start: int = 0
+
+
+def attach(m: Method, unet: nn.Module, settings: AdapterSettings) -> Attached:
+    """Attaches method `m` to `unet` (frozen first); `detach()` leaves the UNet exactly as it was.
+
+    Delta-LoRA moves the frozen weights in place, so its detach restores them from a CPU copy (kept
+    off the accelerator, so it does not count in peak memory).
+    """
+    unet.requires_grad_(False)
+    if m.kind == "floor":
+        return Attached(m, [])
+    if m.kind == "peft":
+        from peft import LoraConfig
+
+        unet.add_adapter(LoraConfig(r=settings.rank, lora_alpha=settings.lora_alpha, target_modules=list(UNET_TARGETS)))
+        params = [p for p in unet.parameters() if p.requires_grad]
+        # As diffusers' train_text_to_image_lora.py (cast_training_params): trainable LoRA weights in fp32.
+        for p in params:
+            p.data = p.data.float()
+        return Attached(m, params, detach=unet.unload_lora)
+    config = ResLoRAConfig(
+        res_type=m.res_type,
+        pre_num=m.pre_num,
+        rank=settings.rank,
+        lora_alpha=settings.lora_alpha,
+        delta_lora_ratio=settings.delta_lora_ratio if m.delta else 0.0,
+        delta_lora_start=settings.delta_lora_start,
+        unet_targets=UNET_TARGETS,
+    )
+    adapter = apply_reslora(unet, config)
+    saved = {}
+    if m.delta:
+        saved = {name: layer.weight.detach().to("cpu", copy=True) for name, layer in adapter.base_layers.items()}
+
+    def detach() -> None:
+        layers = dict(adapter.base_layers)
+        adapter.remove()
+        with torch.no_grad():
+            for name, weight in saved.items():
+                layers[name].weight.copy_(weight)
+
+    return Attached(m, adapter.trainable_parameters(), adapter=adapter, detach=detach)
+
+
+# -- timing ---------------------------------------------------------------------------------------------
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, fn: Callable[[], object], iterations: int) -> float:
+    """Seconds per call of `fn`, averaged over `iterations` calls, with the device synchronised around them."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / iterations
+
+
+def release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast (CUDA or CPU) for precision 'bf16'; no autocast for 'fp32'."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# -- memory -----------------------------------------------------------------------------------------------
+def _storage_key(tensor: torch.Tensor) -> int:
+    # The storage's identity: views of one tensor share it.
+    return tensor.untyped_storage().data_ptr()
+
+
+@dataclass
+class SavedTensorBytes:
+    """Bytes of the distinct storages autograd keeps for backward, not counting `exclude` (the model's weights).
+
+    Deterministic, unlike process RSS: it is the activation memory a training step holds at the end of
+    its forward pass, whatever the allocator does. Parameters that are saved (e.g. a frozen weight for
+    the input gradient) are resident anyway and are excluded; cast copies of them (autocast) count.
+    """
+
+    exclude: Iterable[nn.Module]
+    total: int = 0
+    _seen: set = field(default_factory=set)
+    _excluded: set = field(default_factory=set)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(tensor)
+        if key not in self._seen and key not in self._excluded:
+            self._seen.add(key)
+            self.total += tensor.untyped_storage().nbytes()
+        return tensor
+
+    @contextlib.contextmanager
+    def recording(self):
+        self._excluded = {_storage_key(t) for module in self.exclude for t in (*module.parameters(), *module.buffers())}
+        self._seen, self.total = set(), 0
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor):
+            yield self
+
+
+def optimizer_state_bytes(params: list[nn.Parameter]) -> int:
+    """Parameter + gradient + AdamW's two moments, at the parameters' own dtype."""
+    return sum(4 * p.numel() * p.element_size() for p in params)
+
+
+# -- reporting --------------------------------------------------------------------------------------------
+def machine_info(device: torch.device) -> dict:
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        import diffusers
+        import peft
+
+        info["diffusers"], info["peft"] = diffusers.__version__, peft.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table whose columns line up in a terminal too."""
+    widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])

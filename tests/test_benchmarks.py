@@ -1,0 +1,132 @@
+"""The benchmark scripts run end to end (tiny settings, subprocesses): they print their tables and write valid JSON."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from reslora_diffusers.emoji_data import split_of, write_metadata
+
+ROOT = Path(__file__).resolve().parents[1]
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+COLOURS = ["red", "blue", "green", "pink", "black", "white", "gold", "grey"]
+THINGS = ["cat", "dog", "fish", "star", "moon", "tree", "car", "cake"]
+
+
+def run_script(*args, timeout=120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_speed_tiny_prints_table_and_writes_json(tmp_path):
+    out = tmp_path / "speed.json"
+    methods = "floor,peft,lora,is,bs_m1,delta"
+    result = run_script(
+        "benchmarks/speed.py", "--size", "tiny", "--device", "cpu", "--methods", methods, "--batch", "2",
+        "--repeats", "2", "--steps", "1", "--warmup", "0", "--infer_repeats", "1", "--threads", "1", "--json", out,
+    )  # fmt: skip
+    assert "| method" in result.stdout and "LoRA (ours)" in result.stdout and "## Targets" in result.stdout
+    data = json.loads(out.read_text())
+    training = data["training"]
+    assert list(training) == methods.split(",")
+    for key, row in training.items():
+        assert len(row["step_s_all"]) == 2 and row["step_s_median"] > 0
+        assert row["saved_bytes"] > 0
+    assert training["floor"]["trainable_parameters"] == 0 and training["floor"]["added_vs_floor_bytes"] == 0
+    # Same targets, same rank: our LoRA and PEFT's train the same number of parameters and save the same activations (fp32).
+    assert training["lora"]["trainable_parameters"] == training["peft"]["trainable_parameters"] > 0
+    assert training["lora"]["saved_bytes"] == training["peft"]["saved_bytes"]
+    assert training["lora"]["x_lora"] == 1.0
+    merged = data["inference"]["bs_m1"]["merged"]
+    assert merged["same_architecture_as_base"] and merged["merge_method"] == "exact"
+    assert "merged" not in data["inference"]["peft"]
+    assert any(t["target"].startswith("our LoRA step") for t in data["targets"])
+
+
+def tiny_pipeline(directory: Path) -> None:
+    """A v-prediction SD pipeline in miniature (32 px images, 16×16 latents) whose tokenizer knows letters."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for letter in LETTERS:
+        vocab[letter] = len(vocab)
+        vocab[letter + "</w>"] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=8)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+        max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    ))  # fmt: skip
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32,
+    )  # fmt: skip
+    scheduler = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction", steps_offset=1)
+    StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(directory)  # fmt: skip
+
+
+def emoji_folders(root: Path) -> tuple[Path, Path]:
+    """Noto-like (shaded) and Twemoji-like (flat) discs, one per caption, in both splits."""
+    captions = [f"{c} {t}" for c in COLOURS for t in THINGS]
+    assert sum(split_of(c) == "heldout" for c in captions) >= 2
+    yy, xx = np.mgrid[:32, :32]
+    disc = (yy - 15.5) ** 2 + (xx - 15.5) ** 2 < 13**2
+    folders = []
+    for style in ("noto", "twemoji"):
+        folder = root / style
+        folder.mkdir()
+        records = []
+        for i, caption in enumerate(captions):
+            colour = np.array([(37 * i) % 256, (91 * i) % 256, (53 * i) % 256], dtype=np.float64)
+            shade = 1.0 if style == "twemoji" else (0.5 + yy / 64)[..., None]
+            image = np.where(disc[..., None], colour * shade, 255.0).clip(0, 255).astype(np.uint8)
+            Image.fromarray(image).save(folder / f"{i:03d}.png")
+            records.append({"file_name": f"{i:03d}.png", "text": caption, "split": split_of(caption)})
+        write_metadata(records, folder / "metadata.jsonl")
+        folders.append(folder)
+    return folders[0], folders[1]
+
+
+def test_convergence_quick_prints_table_and_writes_json(tmp_path):
+    tiny_pipeline(tmp_path / "base")
+    noto, twemoji = emoji_folders(tmp_path)
+    methods = ["lora", "is", "ms_m1", "delta"]
+    result = run_script(
+        "benchmarks/convergence.py", "--quick", "--base", tmp_path / "base", "--noto_dir", noto, "--twemoji_dir", twemoji,
+        "--methods", ",".join(methods), "--steps", "4", "--eval_every", "2", "--batch_size", "4", "--image_prompts", "3",
+        "--sample_steps", "2", "--lr_sweep", "1e-2", "--device", "cpu", "--threads", "1", "--out_dir", tmp_path / "out",
+    )  # fmt: skip
+    assert "| method" in result.stdout and "speed-up vs LoRA" in result.stdout and "Learning-rate sweep" in result.stdout
+    data = json.loads((tmp_path / "out" / "convergence_quick.json").read_text())
+    assert data["eval_steps"] == [0, 2, 4]
+    assert len(data["runs"]) == 2 * len(methods)
+    for run in data["runs"]:
+        assert len(run["heldout_loss"]) == 3 and all(math.isfinite(v) for v in run["heldout_loss"])
+    # Every method starts from the base model (B = 0): the same held-out loss at step 0.
+    assert len({round(run["heldout_loss"][0], 10) for run in data["runs"]}) == 1
+    summary = data["summary"]
+    assert list(summary["methods"]) == methods and set(summary["lr_sweep"]) == set(methods)
+    assert summary["methods"]["lora"]["vs_lora_mean_curve"]["speedup"] == pytest.approx(1.0)
+    for row in summary["methods"].values():
+        assert 0 <= row["image_metrics_mean"]["p_twemoji"] <= 1 and -1 <= row["image_metrics_mean"]["ssim"] <= 1
+    assert (tmp_path / "out" / "convergence_quick.png").is_file()
+    assert (tmp_path / "out" / "convergence_quick_samples.png").is_file()
