@@ -49,7 +49,7 @@ QUICK = dict(steps=150, batch_size=16, seeds="0", lr_sweep="", eval_every=25, ev
              image_prompts=48, sample_steps=10, tag="quick")  # fmt: skip
 # Settings a resumed run must share with the runs it continues.
 RESULT_SETTINGS = ("base", "steps", "batch_size", "lr", "rank", "lora_alpha", "delta_lora_ratio", "delta_lora_start", "eval_every",
-                   "eval_draws", "image_prompts", "sample_steps", "guidance_scale", "max_train")  # fmt: skip
+                   "eval_draws", "image_prompts", "sample_steps", "guidance_scale", "max_train", "classifier_steps")  # fmt: skip
 GRID_COLUMNS = 8
 
 
@@ -77,6 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--sample_steps", type=int, default=None, help=f"DPM-Solver steps [{FULL['sample_steps']}; quick {QUICK['sample_steps']}]")
     p.add_argument("--guidance_scale", type=float, default=3.0, help="classifier-free guidance of the generated images")
     p.add_argument("--max_train", type=int, default=0, help="use only this many training images (0: all)")
+    p.add_argument("--classifier_steps", type=int, default=1000, help="training steps of the style classifier")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out_dir", default=str(ROOT / "benchmarks" / "results"), help="where JSON and PNGs are written")
@@ -104,7 +105,7 @@ def parse_args(argv=None):
         p.error("convergence compares our adapters only (floor / peft are speed.py methods)")
     if not args.seeds:
         p.error("--seeds is empty")
-    for flag in ("steps", "batch_size", "eval_every", "eval_draws", "sample_steps", "rank"):
+    for flag in ("steps", "batch_size", "eval_every", "eval_draws", "sample_steps", "rank", "classifier_steps"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be >= 1")
     if args.lr <= 0 or any(lr <= 0 for lr in args.lr_sweep):
@@ -550,7 +551,7 @@ def main(argv=None) -> int:
         model.requires_grad_(False)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     data = Data(pipe, args, device)
-    classifier = train_style_classifier(data.noto_train, data.twemoji_train)
+    classifier = train_style_classifier(data.noto_train, data.twemoji_train, steps=args.classifier_steps)
     labels = {m.key: m.label for m in args.methods}
     print(f"base {args.base}; {len(data.train_latents)} train / {len(data.heldout_captions)} held-out images; "
           f"style classifier held-out accuracy: Noto {np.mean(classifier.twemoji_probability(data.noto_heldout) < 0.5):.3f}, "

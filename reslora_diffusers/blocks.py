@@ -141,7 +141,8 @@ class ResLoRABlock(nn.Module):
 
     def _branch_dtype(self, x: torch.Tensor) -> torch.Tensor:
         # Under autocast the matmuls pick their own dtype: casting x to fp32 here would only add a full-size copy.
-        if torch.is_autocast_enabled(x.device.type):
+        device = x.device.type
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
             return x
         return x.to(self.lora_A.dtype)
 

@@ -113,7 +113,7 @@ def test_convergence_quick_prints_table_and_writes_json(tmp_path):
     result = run_script(
         "benchmarks/convergence.py", "--quick", "--base", tmp_path / "base", "--noto_dir", noto, "--twemoji_dir", twemoji,
         "--methods", ",".join(methods), "--steps", "4", "--eval_every", "2", "--batch_size", "4", "--image_prompts", "3",
-        "--sample_steps", "2", "--lr_sweep", "1e-2", "--device", "cpu", "--threads", "1", "--out_dir", tmp_path / "out",
+        "--sample_steps", "2", "--classifier_steps", "50", "--lr_sweep", "1e-2", "--device", "cpu", "--threads", "1", "--out_dir", tmp_path / "out",
     )  # fmt: skip
     assert "| method" in result.stdout and "speed-up vs LoRA" in result.stdout and "Learning-rate sweep" in result.stdout
     data = json.loads((tmp_path / "out" / "convergence_quick.json").read_text())
