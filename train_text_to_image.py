@@ -22,14 +22,12 @@ Data parallel (DDP) through accelerate; every process trains on its own share of
     CPU processes (gloo):  ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train_text_to_image.py
 """
 
-import argparse
 import json
 import logging
 import math
 import os
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -52,7 +50,9 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from reslora_diffusers import ResLoRAConfig, apply_reslora, save_adapter
 from reslora_diffusers.config import RES_TYPES
 from reslora_diffusers.formats import save_diffusers_lora, save_kohya_lora
-from reslora_diffusers.io import WEIGHTS_NAME, atomic_write, atomic_write_text, read_adapter
+from reslora_diffusers.atomic import atomic_write, atomic_write_text, swap_in_folder
+from reslora_diffusers.cli import OneLineErrorParser, exit_with_error
+from reslora_diffusers.io import WEIGHTS_NAME, read_adapter
 from reslora_diffusers.merge import MERGE_METHODS, merge_adapter
 from reslora_diffusers.model_card import model_card
 from reslora_diffusers.training_data import (
@@ -81,21 +81,8 @@ class TrainingStopped(Exception):
     """Training cannot go on (a non-finite loss, data that broke mid-run); the message says why and what is kept."""
 
 
-def fail(message: str, code: int = 2) -> None:
-    """Bad input: one line on stderr, no traceback, a non-zero exit (every process, so none waits on another)."""
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        sys.stderr.write(f"error: {message}\n")
-        sys.stderr.flush()
-    sys.exit(code)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of the whole usage block
-        fail(f"{message} (see --help)")
-
-
 def parse_args(argv=None):
-    parser = _Parser(description="Fine-tune Stable Diffusion with ResLoRA / LoRA / Delta-LoRA adapters.")
+    parser = OneLineErrorParser(description="Fine-tune Stable Diffusion with ResLoRA / LoRA / Delta-LoRA adapters.")
     # Base model
     parser.add_argument(
         "--pretrained_model_name_or_path",
@@ -321,25 +308,25 @@ def check_base(args) -> None:
     path = Path(args.pretrained_model_name_or_path)
     if path.is_file():
         if path.suffix != ".safetensors":
-            fail(f"{path}: a single-file base must be a .safetensors checkpoint (pickled .ckpt files are unsafe)")
+            exit_with_error(f"{path}: a single-file base must be a .safetensors checkpoint (pickled .ckpt files are unsafe)")
         if args.base_config is not None and not Path(args.base_config).exists() and not _hub_id(args.base_config):
-            fail(f"--base_config not found: {args.base_config}")
+            exit_with_error(f"--base_config not found: {args.base_config}")
         return
     if path.is_dir():
         index = path / "model_index.json"
         if not index.is_file():
-            fail(f"{path} is not a Stable Diffusion pipeline folder: it has no model_index.json")
+            exit_with_error(f"{path} is not a Stable Diffusion pipeline folder: it has no model_index.json")
         try:
             components = json.loads(index.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            fail(f"{index} is not valid JSON: {error}")
+            exit_with_error(f"{index} is not valid JSON: {error}")
         missing = [c for c in PIPELINE_COMPONENTS if not (isinstance(components.get(c), list) and components[c][0])]
         missing += [c for c in PIPELINE_COMPONENTS if c not in missing and not (path / c).is_dir()]
         if missing:
-            fail(f"{path} is not a Stable Diffusion pipeline folder: it lacks {', '.join(missing)}")
+            exit_with_error(f"{path} is not a Stable Diffusion pipeline folder: it lacks {', '.join(missing)}")
         return
     if not _hub_id(args.pretrained_model_name_or_path):
-        fail(f"base model not found: {path}")
+        exit_with_error(f"base model not found: {path}")
 
 
 def _hub_id(name: str) -> bool:
@@ -355,7 +342,7 @@ def load_base(args):
         try:
             pipe = load_pipeline(name, args.base_config)
         except UserInputError as error:
-            fail(str(error))
+            exit_with_error(str(error))
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         return pipe.tokenizer, scheduler, pipe.text_encoder, pipe.vae, pipe.unet
     common = {"revision": args.revision, "cache_dir": args.cache_dir}
@@ -367,7 +354,7 @@ def load_base(args):
         unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", variant=args.variant, **common)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
         first_line = (str(error).strip() or type(error).__name__).splitlines()[0]
-        fail(f"cannot load the Stable Diffusion model {name}: {first_line}")
+        exit_with_error(f"cannot load the Stable Diffusion model {name}: {first_line}")
     return tokenizer, scheduler, text_encoder, vae, unet
 
 
@@ -382,7 +369,7 @@ def load_examples(args):
             folder = args.dataset_name if args.dataset_name is not None else args.train_data_dir
             examples = load_imagefolder(folder, args.image_column, args.caption_column)
     except DatasetError as error:
-        fail(str(error))
+        exit_with_error(str(error))
     if args.max_train_samples is not None and args.max_train_samples < len(examples):
         examples = subset(examples, args.max_train_samples, args.seed)
     return examples
@@ -417,14 +404,8 @@ def save_checkpoint(accelerator: Accelerator, args, global_step: int, epoch: int
     if accelerator.is_main_process:
         marker = {"global_step": global_step, "epoch": epoch, "num_processes": accelerator.num_processes}
         atomic_write_text(staging / CHECKPOINT_MARKER, json.dumps(marker, indent=2))
-        if final.exists():  # the same step saved before a resume: replace it only now that the new one is complete
-            old = output_dir / f"checkpoint-{global_step}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            staging.rename(final)
-            shutil.rmtree(old)
-        else:
-            staging.rename(final)
+        # The same step saved before a resume is replaced only now that the new one is complete.
+        swap_in_folder(staging, final)
         # Older checkpoints go only after the new one is complete.
         if args.checkpoints_total_limit is not None:
             for _, folder in complete_checkpoints(output_dir)[: -args.checkpoints_total_limit]:
@@ -442,7 +423,7 @@ def find_resume_checkpoint(args) -> Path | None:
     if not path.exists():
         path = output_dir / path.name
     if not (path / CHECKPOINT_MARKER).is_file():
-        fail(f"{args.resume_from_checkpoint} is not a complete checkpoint of this script (no {CHECKPOINT_MARKER})")
+        exit_with_error(f"{args.resume_from_checkpoint} is not a complete checkpoint of this script (no {CHECKPOINT_MARKER})")
     return path
 
 
@@ -567,12 +548,12 @@ def main(argv=None):
         try:
             import bitsandbytes as bnb
         except ImportError:
-            fail("--use_8bit_adam needs the bitsandbytes package (pip install bitsandbytes)")
+            exit_with_error("--use_8bit_adam needs the bitsandbytes package (pip install bitsandbytes)")
     if args.report_to in ("tensorboard", "all"):
         try:
             import tensorboard  # noqa: F401
         except ImportError:
-            fail("--report_to tensorboard needs the tensorboard package (pip install tensorboard), or pass --report_to none")
+            exit_with_error("--report_to tensorboard needs the tensorboard package (pip install tensorboard), or pass --report_to none")
 
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -603,12 +584,12 @@ def main(argv=None):
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
-        fail(f"the base scheduler predicts {noise_scheduler.config.prediction_type!r}; pass --prediction_type epsilon or v_prediction")
+        exit_with_error(f"the base scheduler predicts {noise_scheduler.config.prediction_type!r}; pass --prediction_type epsilon or v_prediction")
     vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if args.resolution is None:
         args.resolution = int(vae.config.sample_size)
     if args.resolution % vae_scale_factor:
-        fail(f"--resolution must be a multiple of {vae_scale_factor} (the VAE's downsampling factor), got {args.resolution}")
+        exit_with_error(f"--resolution must be a multiple of {vae_scale_factor} (the VAE's downsampling factor), got {args.resolution}")
 
     # The frozen base runs in the mixed-precision dtype (the adapters stay fp32). With Delta-LoRA the base
     # weights move by small steps every update, which a 16-bit weight would round away: they stay fp32.
@@ -705,7 +686,7 @@ def main(argv=None):
             # The base is fresh from disk here, so Delta-LoRA's moved weights are rebuilt exactly once.
             adapter.load_state_dict(tensors, move_delta_lora_weights=True)
         except (ValueError, FileNotFoundError) as error:  # AdapterMismatchError is a ValueError
-            fail(f"cannot resume from {checkpoint_dir}: {error}")
+            exit_with_error(f"cannot resume from {checkpoint_dir}: {error}")
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
@@ -869,7 +850,7 @@ def main(argv=None):
         kept = f"the last complete checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
         progress_bar.close()
         accelerator.end_training()
-        fail(f"{stop}; {kept}", code=1)
+        exit_with_error(f"{stop}; {kept}", code=1)
     progress_bar.close()
     train_seconds = time.time() - start_time
 

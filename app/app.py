@@ -25,6 +25,7 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from reslora_diffusers.cli import OneLineErrorParser  # noqa: E402
 from reslora_diffusers.merge import MERGE_METHODS  # noqa: E402
 from reslora_diffusers.pipeline_io import UserInputError, load_pipeline  # noqa: E402
 
@@ -51,14 +52,8 @@ shortcuts are then approximated with a scale α, estimated as chosen (`input`, `
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of the usage block
-        sys.stderr.write(f"error: {message} (see --help)\n")
-        sys.exit(2)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = _Parser(description="Compare base, LoRA and ResLoRA images side by side in the browser (Gradio).")
+    parser = OneLineErrorParser(description="Compare base, LoRA and ResLoRA images side by side in the browser (Gradio).")
     parser.add_argument("--base", default=str(DEFAULT_BASE), help="Base model: a diffusers folder or a single-file .safetensors checkpoint.")
     parser.add_argument("--base_config", default=None, help="Diffusers folder describing a single-file base (its config).")
     parser.add_argument(

@@ -17,10 +17,11 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import unicodedata
 from pathlib import Path
 from typing import Iterable, Literal
+
+from .atomic import atomic_write_text
 
 SPLIT_SALT = "reslora-emoji-split-v1:"
 HELDOUT_FRACTION = 0.10
@@ -64,20 +65,6 @@ def write_metadata(records: Iterable[dict], path: str | os.PathLike) -> None:
     path = Path(path)
     lines = [json.dumps(r, ensure_ascii=False, sort_keys=True) for r in sorted(records, key=lambda r: r["file_name"])]
     atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def load_split(data_dir: str | os.PathLike, split: Split | None = "train") -> list[dict]:

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,6 +24,8 @@ from typing import Literal
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .atomic import atomic_write
 
 DIFFUSERS_LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -317,17 +317,8 @@ def _check_string_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
     """Write a .safetensors file via a temp file in the same directory, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def _require_suffix(path, what: str) -> Path:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,30 +17,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .adapter import AdapterMismatchError, ResLoRAAdapter, apply_reslora
+from .atomic import atomic_write, atomic_write_text
 from .config import ResLoRAConfig
 
 WEIGHTS_NAME = "reslora_adapter.safetensors"
 CONFIG_NAME = "reslora_config.json"
 FORMAT_VERSION = 1
-
-
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Calls `write(temp_path)` for a temp file beside `path`, then renames it onto `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def adapter_metadata(adapter: ResLoRAAdapter) -> dict[str, Any]:

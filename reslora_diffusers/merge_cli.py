@@ -12,14 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from .io import atomic_write_text, load_adapter
+from .atomic import atomic_write_folder, atomic_write_text
+from .cli import OneLineErrorParser
+from .io import load_adapter
 from .merge import (
     MERGE_METHODS,
     alpha_statistics,
@@ -38,14 +38,8 @@ FORMATS = ("diffusers-lora", "kohya", "diffusers", "single-file")
 DEFAULT_PROMPTS = ("fish", "french fries", "red heart", "smiling face with sunglasses", "flag: japan", "cat face")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of the usage block
-        sys.stderr.write(f"error: {message} (see --help)\n")
-        sys.exit(2)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = _Parser(description="Merge a ResLoRA / LoRA / Delta-LoRA adapter and export it for diffusers, kohya, A1111, ComfyUI.")
+    parser = OneLineErrorParser(description="Merge a ResLoRA / LoRA / Delta-LoRA adapter and export it for diffusers, kohya, A1111, ComfyUI.")
     parser.add_argument("--base", required=True, help="Base model: a diffusers folder or a single-file .safetensors checkpoint.")
     parser.add_argument("--base_config", default=None, help="Diffusers folder describing a single-file base (its config).")
     parser.add_argument("--adapter", required=True, help="Folder written by save_adapter / the training script.")
@@ -166,33 +160,13 @@ def write_output(pipe, adapter, factors, args, metadata: dict[str, str]) -> Path
     if args.format == "kohya":
         return save_kohya_lora(factors, output, metadata)
     if args.format == "diffusers-lora":
-        return write_folder(output, lambda folder: save_diffusers_lora(factors, folder, metadata))
+        return atomic_write_folder(output, lambda folder: save_diffusers_lora(factors, folder, metadata))
     merge_into_base(adapter, factors)
     if args.format == "single-file":
         return save_single_file_checkpoint(pipe, output, half=args.half)
     if args.half:
         pipe.to(torch.float16)
-    return write_folder(output, lambda folder: pipe.save_pretrained(folder, safe_serialization=True))
-
-
-def write_folder(output: Path, write) -> Path:
-    """Writes a folder beside `output`, then swaps it in: an old output (--overwrite) goes only once the new one is complete."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        write(staged)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
-    if output.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
-        old.rmdir()
-        output.rename(old)
-        staged.rename(output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staged.rename(output)
-    return output
+    return atomic_write_folder(output, lambda folder: pipe.save_pretrained(folder, safe_serialization=True))
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -88,7 +88,7 @@ def model_card(
         "| file | what | for |",
         "|---|---|---|",
         "| `reslora_adapter.safetensors` + `reslora_config.json` | the native adapter (unmerged, with its chains) | `reslora_diffusers.load_adapter`, further training, `python -m reslora_diffusers.merge` |",
-        f"| `pytorch_lora_weights.safetensors` | merged plain LoRA, diffusers / PEFT keys | `pipe.load_lora_weights` |",
+        "| `pytorch_lora_weights.safetensors` | merged plain LoRA, diffusers / PEFT keys | `pipe.load_lora_weights` |",
         f"| `{kohya}` | merged plain LoRA, kohya keys with each module's real alpha | AUTOMATIC1111, ComfyUI, kohya sd-scripts |",
         "| `validation/` | validation image grids | |",
         "| `metrics.jsonl`, `logs/` | loss, learning rate and speed per step; TensorBoard logs | `tensorboard --logdir logs` |",

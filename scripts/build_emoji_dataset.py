@@ -29,8 +29,8 @@ from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from reslora_diffusers.atomic import atomic_write_folder, atomic_write_text  # noqa: E402
 from reslora_diffusers.emoji_data import (  # noqa: E402
-    atomic_write_text,
     clean_caption,
     sample_order_key,
     split_of,
@@ -135,21 +135,13 @@ def records_for(captions: dict[str, str]) -> list[dict]:
 
 def write_imagefolder(out_dir: Path, images: dict[str, Image.Image], records: list[dict], desc: str) -> None:
     """Write PNGs and metadata into a temporary sibling folder, then swap it into place."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the folder is committed and shared
-    try:
+
+    def write(folder: Path) -> None:
         for rec in tqdm(records, desc=desc, unit="img"):
-            images[rec["file_name"]].save(tmp / rec["file_name"], optimize=True)
-        write_metadata(records, tmp / "metadata.jsonl")
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        if out_dir.exists():
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            images[rec["file_name"]].save(folder / rec["file_name"], optimize=True)
+        write_metadata(records, folder / "metadata.jsonl")
+
+    atomic_write_folder(out_dir, write)
 
 
 def write_eval_reference(path: Path, images: dict[str, Image.Image], records: list[dict]) -> None:

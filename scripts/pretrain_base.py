@@ -38,6 +38,7 @@ from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from reslora_diffusers.atomic import atomic_write_folder  # noqa: E402
 from reslora_diffusers.emoji_data import load_split  # noqa: E402
 
 CLIP_SPLIT_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -322,23 +323,15 @@ def save_pipeline(out_dir: Path, vae, text_encoder, tokenizer, unet, tok_dir: Pa
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the folder is committed and shared
-    try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+
+    def write(folder: Path) -> None:
+        pipe.save_pretrained(folder, safe_serialization=True)
         for name in ("vocab.json", "merges.txt"):
-            shutil.copy(tok_dir / name, tmp / "tokenizer" / name)
-        (tmp / "ATTRIBUTION.md").write_text(ATTRIBUTION, encoding="utf-8")
-        (tmp / "training_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        if out_dir.exists():
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            shutil.copy(tok_dir / name, folder / "tokenizer" / name)
+        (folder / "ATTRIBUTION.md").write_text(ATTRIBUTION, encoding="utf-8")
+        (folder / "training_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+    atomic_write_folder(out_dir, write)
 
 
 @torch.no_grad()

@@ -27,6 +27,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from reslora_diffusers.atomic import swap_in_folder  # noqa: E402
+
 KEEP = ("reslora_adapter.safetensors", "reslora_config.json", "metrics.jsonl", "training_summary.json")
 REPORT_NAME = "diffusers-lora.merge_report.json"
 README = """# Demo adapters
@@ -112,12 +115,7 @@ def main(argv=None) -> int:
                 shutil.copy2(work / name / file, staged / file)
             flags["output_dir"] = f"{args.output_dir}/{name}"
             (staged / "training_args.json").write_text(json.dumps(flags, indent=2) + "\n")
-            for file in staged.iterdir():
-                file.chmod(0o644)  # the library writes through private temp files (0600)
-            destination = output_dir / name
-            if destination.exists():
-                shutil.rmtree(destination)
-            staged.rename(destination)
+            destination = swap_in_folder(staged, output_dir / name)
             size = sum(f.stat().st_size for f in destination.iterdir())
             print(f"{name}: {destination} ({size / 1024:.0f} kB) in {time.time() - start:.0f} s", flush=True)
     (output_dir / "README.md").write_text(README.format(res_type=args.res_type, report=REPORT_NAME))
