@@ -5,7 +5,8 @@ caller (the UNet attention processor or the text-encoder hook) adds it to the fr
 
     none: s · B_n A_n x_n
     is:   s · B_n A_n (x_n + x_{n-1})
-    bs:   s · (Σ_{k=0..m} B_{n-k} A_{n-k}) x_n           (one concatenated low-rank product)
+    bs:   s · (Σ_{k=0..m} B_{n-k} A_{n-k}) x_n           (one concatenated low-rank product, or the dense
+                                                          ΔW when the chain is long: see `_bs_dense_is_cheaper`)
     ms:   s · B_n (Σ_{k=0..m} A_{n-k} x_{n-k})
 """
 
@@ -107,6 +108,11 @@ class ResLoRABlock(nn.Module):
             )
         return tensor
 
+    @property
+    def records_input_norm(self) -> bool:
+        """Only `is` / `ms` blocks on a shortcut need f_n (the input-based α); `none` and `bs` merge exactly."""
+        return self.res_type in ("is", "ms") and bool(self.previous or self.feeds_later_blocks)
+
     def _record_input_norm(self, x: torch.Tensor) -> None:
         # Once per forward pass (not again in a checkpoint recompute), without a host-device sync.
         if self._norm_pass_id == self.tracker.pass_id:
@@ -119,7 +125,7 @@ class ResLoRABlock(nn.Module):
             self.input_norm_count += 1
 
     def mean_input_norm(self) -> float | None:
-        """f_n of SPEC §2: the mean of the window, or None if the block never saw a training batch."""
+        """f_n of SPEC §2: the mean of the window, or None if the block never recorded one (see `records_input_norm`)."""
         count = int(self.input_norm_count)
         if count == 0:
             return None
@@ -147,14 +153,17 @@ class ResLoRABlock(nn.Module):
         return x.to(self.lora_A.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled() and self.records_input_norm:
             self._record_input_norm(x)
         pass_id = self.tracker.pass_id
         dropped = self.dropout(self._branch_dtype(x))
 
         if self.res_type == "bs":
             up, down = self.chain_factors()
-            out = F.linear(F.linear(dropped, down), up)
+            if _bs_dense_is_cheaper(dropped, up, down):
+                out = F.linear(dropped, up @ down)
+            else:
+                out = F.linear(F.linear(dropped, down), up)
         elif self.res_type == "is":
             hidden = F.linear(dropped, self.lora_A)
             if self.previous:
@@ -175,3 +184,18 @@ class ResLoRABlock(nn.Module):
         else:
             out = F.linear(F.linear(dropped, self.lora_A), self.lora_B)
         return (out * self.scaling).to(x.dtype)
+
+
+def _bs_dense_is_cheaper(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> bool:
+    """Whether one dense ΔW = B*A* costs fewer multiply-adds than the rank-R product B*(A*x).
+
+    A `bs` block with many linked predecessors has a rank R = (m+1)·r that can reach the layer's width.
+    The low-rank path then does more work per token than a dense matmul, and keeps a tokens × R
+    down-projection for backward; the dense path keeps only the out × in ΔW (the input x is held anyway).
+    Same result up to rounding: a choice of evaluation order, made per call from the shapes.
+    """
+    (out_features, rank), in_features = up.shape, down.shape[1]
+    tokens = x.numel() // in_features
+    low_rank = tokens * rank * (in_features + out_features)
+    dense = out_features * in_features * (rank + tokens)
+    return dense < low_rank

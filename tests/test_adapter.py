@@ -11,6 +11,7 @@ import torch
 from peft import LoraConfig
 
 from reslora_diffusers import AdapterMismatchError, ResLoRAConfig, apply_reslora, load_adapter, save_adapter
+from reslora_diffusers import blocks
 from reslora_diffusers.processor import ResLoRAAttnProcessor
 from tiny_models import (
     perturb_adapter,
@@ -124,6 +125,33 @@ def test_forward_and_gradients_equal_reference_formulas(res_type, pre_num):
     assert sum(g.abs().sum() for g in grads) > 0
 
 
+@pytest.mark.parametrize("pre_num", [1, -1])
+def test_bs_dense_and_low_rank_evaluation_orders_agree(pre_num, monkeypatch):
+    """`bs` applies either B*(A*x) or the dense ΔW = B*A* (whichever is cheaper): same loss and gradients."""
+    results = []
+    for dense in (False, True):
+        monkeypatch.setattr(blocks, "_bs_dense_is_cheaper", lambda *_, dense=dense: dense)
+        unet = tiny_unet()
+        adapter = apply_reslora(unet, ResLoRAConfig(res_type="bs", pre_num=pre_num, rank=4))
+        perturb_adapter(adapter)
+        loss = run_unet(unet).square().mean()
+        results.append((loss, torch.autograd.grad(loss, adapter.trainable_parameters())))
+    (loss, grads), (dense_loss, dense_grads) = results
+    torch.testing.assert_close(dense_loss, loss, rtol=1e-5, atol=1e-7)
+    for grad, dense_grad in zip(grads, dense_grads):
+        torch.testing.assert_close(dense_grad, grad, rtol=1e-4, atol=1e-7)
+
+
+def test_bs_chooses_the_dense_update_only_for_long_chains():
+    tokens_sd15_64px = torch.empty(4 * 4096, 320)  # SD-1.5's first level, batch 4, 512 px
+    chain = lambda blocks_, rank: (torch.empty(320, blocks_ * rank), torch.empty(blocks_ * rank, 320))
+    assert not blocks._bs_dense_is_cheaper(tokens_sd15_64px, *chain(1, 16))  # plain LoRA-sized
+    assert not blocks._bs_dense_is_cheaper(tokens_sd15_64px, *chain(2, 32))  # pre_num 1
+    assert blocks._bs_dense_is_cheaper(tokens_sd15_64px, *chain(10, 32))  # all 10 blocks: rank 320 = the width
+    # Few tokens (a text encoder's 77): building ΔW costs more than it saves.
+    assert not blocks._bs_dense_is_cheaper(torch.empty(77, 320), *chain(6, 32))
+
+
 def count_block_calls(adapter):
     calls = []
     for block in adapter.blocks.values():
@@ -215,7 +243,10 @@ def test_save_then_load_on_a_fresh_model_reproduces_outputs(tmp_path, res_type):
     save_adapter(adapter, tmp_path)
     metadata = json.loads((tmp_path / "reslora_config.json").read_text())
     assert metadata["chains"] == adapter.chains and metadata["config"]["res_type"] == res_type
-    assert all(v is not None for k, v in metadata["input_norm_means"].items() if k.startswith("unet."))
+    unet_means = {k: v for k, v in metadata["input_norm_means"].items() if k.startswith("unet.")}
+    for name, mean in unet_means.items():  # recorded only where the input-based merge reads them
+        assert (mean is not None) == adapter.blocks[name].records_input_norm
+    assert any(v is not None for v in unet_means.values()) == (res_type in ("is", "ms"))
 
     fresh_unet, fresh_text = tiny_unet(), tiny_text_encoder()
     loaded = load_adapter(fresh_unet, tmp_path, text_encoder=fresh_text)
