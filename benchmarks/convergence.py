@@ -475,8 +475,9 @@ def plot(summary: dict, runs: list[dict], steps: list[int], args, labels: dict, 
     ax.axhline(lora_final, color="grey", lw=0.8, ls=":", label="LoRA final")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("held-out denoising loss (v-MSE)")
-    finals = [row["final_loss_mean"] for row in summary["methods"].values()]
-    ax.set_ylim(min(finals) - 0.3 * (max(finals) - min(finals) + 1e-4), max(c for row in summary["methods"].values() for c in row["mean_curve"][1:]) * 1.02)
+    # From the lowest point of any curve (not only the finals: curves can dip below them) to the highest after step 0.
+    shown = [c for row in summary["methods"].values() for c in row["mean_curve"][1:]]
+    ax.set_ylim(min(shown) - 0.05 * (max(shown) - min(shown)), max(shown) * 1.02)
     ax.set_title(f"Noto → Twemoji, held-out names: mean of seeds {','.join(map(str, args.seeds))} (band: min-max)", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)

@@ -5,8 +5,9 @@ caller (the UNet attention processor or the text-encoder hook) adds it to the fr
 
     none: s · B_n A_n x_n
     is:   s · B_n A_n (x_n + x_{n-1})
-    bs:   s · (Σ_{k=0..m} B_{n-k} A_{n-k}) x_n           (one concatenated low-rank product, or the dense
-                                                          ΔW when the chain is long: see `_bs_dense_is_cheaper`)
+    bs:   s · (Σ_{k=0..m} B_{n-k} A_{n-k}) x_n           (one concatenated low-rank product, recomputed in
+                                                          backward, or the dense ΔW when the chain is long:
+                                                          see `_bs_dense_is_cheaper`)
     ms:   s · B_n (Σ_{k=0..m} A_{n-k} x_{n-k})
 """
 
@@ -17,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class ForwardPassTracker:
@@ -159,11 +161,17 @@ class ResLoRABlock(nn.Module):
         dropped = self.dropout(self._branch_dtype(x))
 
         if self.res_type == "bs":
-            up, down = self.chain_factors()
-            if _bs_dense_is_cheaper(dropped, up, down):
+            tokens, chain_rank = dropped.numel() // self.in_features, self.rank * (1 + len(self.previous))
+            factors = [t for block in (self, *self.previous) for t in (block.lora_A, block.lora_B)]
+            if _bs_dense_is_cheaper(tokens, self.in_features, self.out_features, chain_rank):
+                up, down = self.chain_factors()
                 out = F.linear(dropped, up @ down)
+            elif self.previous and torch.is_grad_enabled():
+                # Storing the tokens × (m+1)·r down-projection for backward would keep (m+1)× what a LoRA
+                # keeps: recompute it in backward instead, from x (held anyway) and the parameters.
+                out = checkpoint(_bs_low_rank, dropped, *factors, use_reentrant=False, preserve_rng_state=False)
             else:
-                out = F.linear(F.linear(dropped, down), up)
+                out = _bs_low_rank(dropped, *factors)
         elif self.res_type == "is":
             hidden = F.linear(dropped, self.lora_A)
             if self.previous:
@@ -186,16 +194,19 @@ class ResLoRABlock(nn.Module):
         return (out * self.scaling).to(x.dtype)
 
 
-def _bs_dense_is_cheaper(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> bool:
+def _bs_low_rank(x: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
+    """[B_n … B_{n-m}]([A_n; …; A_{n-m}] x) for factors (A_n, B_n, A_{n-1}, B_{n-1}, …)."""
+    down, up = torch.cat(factors[0::2], dim=0), torch.cat(factors[1::2], dim=1)
+    return F.linear(F.linear(x, down), up)
+
+
+def _bs_dense_is_cheaper(tokens: int, in_features: int, out_features: int, rank: int) -> bool:
     """Whether one dense ΔW = B*A* costs fewer multiply-adds than the rank-R product B*(A*x).
 
     A `bs` block with many linked predecessors has a rank R = (m+1)·r that can reach the layer's width.
-    The low-rank path then does more work per token than a dense matmul, and keeps a tokens × R
-    down-projection for backward; the dense path keeps only the out × in ΔW (the input x is held anyway).
-    Same result up to rounding: a choice of evaluation order, made per call from the shapes.
+    The low-rank path then does more work per token than a dense matmul; the dense path also keeps only
+    the out × in ΔW for backward. Same result up to rounding: a choice of evaluation order, made per call.
     """
-    (out_features, rank), in_features = up.shape, down.shape[1]
-    tokens = x.numel() // in_features
     low_rank = tokens * rank * (in_features + out_features)
     dense = out_features * in_features * (rank + tokens)
     return dense < low_rank

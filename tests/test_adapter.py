@@ -143,13 +143,45 @@ def test_bs_dense_and_low_rank_evaluation_orders_agree(pre_num, monkeypatch):
 
 
 def test_bs_chooses_the_dense_update_only_for_long_chains():
-    tokens_sd15_64px = torch.empty(4 * 4096, 320)  # SD-1.5's first level, batch 4, 512 px
-    chain = lambda blocks_, rank: (torch.empty(320, blocks_ * rank), torch.empty(blocks_ * rank, 320))
-    assert not blocks._bs_dense_is_cheaper(tokens_sd15_64px, *chain(1, 16))  # plain LoRA-sized
-    assert not blocks._bs_dense_is_cheaper(tokens_sd15_64px, *chain(2, 32))  # pre_num 1
-    assert blocks._bs_dense_is_cheaper(tokens_sd15_64px, *chain(10, 32))  # all 10 blocks: rank 320 = the width
+    tokens = 4 * 4096  # SD-1.5's first level (320 wide), batch 4, 512 px
+    assert not blocks._bs_dense_is_cheaper(tokens, 320, 320, 16)  # plain LoRA-sized
+    assert not blocks._bs_dense_is_cheaper(tokens, 320, 320, 2 * 32)  # pre_num 1
+    assert blocks._bs_dense_is_cheaper(tokens, 320, 320, 10 * 32)  # all 10 blocks: rank 320 = the width
     # Few tokens (a text encoder's 77): building ΔW costs more than it saves.
-    assert not blocks._bs_dense_is_cheaper(torch.empty(77, 320), *chain(6, 32))
+    assert not blocks._bs_dense_is_cheaper(77, 320, 320, 6 * 32)
+
+
+def saved_activation_bytes(model, inputs) -> int:
+    """Bytes autograd keeps for backward in one forward (distinct storages, the model's parameters excluded)."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run_unet(model, inputs).square().mean().backward()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("pre_num", [1, -1])
+def test_bs_keeps_nothing_per_token_beyond_what_lora_keeps(pre_num, dense, monkeypatch):
+    """A `bs` block's rank-(m+1)·r product is recomputed in backward or applied as a dense ΔW, never stored:
+    with either evaluation order, what `bs` keeps beyond LoRA does not grow with the number of tokens."""
+    monkeypatch.setattr(blocks, "_bs_dense_is_cheaper", lambda *_: dense)
+    extra = []
+    for batch in (2, 8):
+        saved = {}
+        for res_type in ("none", "bs"):
+            unet = tiny_unet()
+            apply_reslora(unet, ResLoRAConfig(res_type=res_type, pre_num=pre_num, rank=4))
+            saved[res_type] = saved_activation_bytes(unet, unet_inputs(batch=batch))
+        extra.append(saved["bs"] - saved["none"])
+    assert extra[1] <= extra[0], extra
 
 
 def count_block_calls(adapter):
