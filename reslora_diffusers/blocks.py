@@ -136,9 +136,12 @@ class ResLoRABlock(nn.Module):
     def chain_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(B*, A*) of the effective update: [B_n … B_{n-m}], [A_n; …; A_{n-m}] for `bs`, (B, A) otherwise."""
         if self.res_type == "bs" and self.previous:
-            blocks = [self, *self.previous]
-            return torch.cat([b.lora_B for b in blocks], dim=1), torch.cat([b.lora_A for b in blocks], dim=0)
+            return _concatenated(*self._chain_parameters())
         return self.lora_B, self.lora_A
+
+    def _chain_parameters(self) -> list[nn.Parameter]:
+        """(A_n, B_n, A_{n-1}, B_{n-1}, …) of a `bs` chain: what a checkpoint keeps instead of their concatenation."""
+        return [t for block in (self, *self.previous) for t in (block.lora_A, block.lora_B)]
 
     def delta_weight(self) -> torch.Tensor:
         """The exact weight change s·B*A* of `none` and `bs`; `is` / `ms` need the merge's α (see merge.py)."""
@@ -162,16 +165,17 @@ class ResLoRABlock(nn.Module):
 
         if self.res_type == "bs":
             tokens, chain_rank = dropped.numel() // self.in_features, self.rank * (1 + len(self.previous))
-            factors = [t for block in (self, *self.previous) for t in (block.lora_A, block.lora_B)]
             if _bs_dense_is_cheaper(tokens, self.in_features, self.out_features, chain_rank):
                 up, down = self.chain_factors()
                 out = F.linear(dropped, up @ down)
             elif self.previous and torch.is_grad_enabled():
                 # Storing the tokens × (m+1)·r down-projection for backward would keep (m+1)× what a LoRA
                 # keeps: recompute it in backward instead, from x (held anyway) and the parameters.
-                out = checkpoint(_bs_low_rank, dropped, *factors, use_reentrant=False, preserve_rng_state=False)
+                out = checkpoint(
+                    _bs_low_rank, dropped, *self._chain_parameters(), use_reentrant=False, preserve_rng_state=False
+                )
             else:
-                out = _bs_low_rank(dropped, *factors)
+                out = _bs_low_rank(dropped, *self._chain_parameters())
         elif self.res_type == "is":
             hidden = F.linear(dropped, self.lora_A)
             if self.previous:
@@ -194,9 +198,14 @@ class ResLoRABlock(nn.Module):
         return (out * self.scaling).to(x.dtype)
 
 
+def _concatenated(*factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B_n … B_{n-m}], [A_n; …; A_{n-m}]) from factors (A_n, B_n, A_{n-1}, B_{n-1}, …)."""
+    return torch.cat(factors[1::2], dim=1), torch.cat(factors[0::2], dim=0)
+
+
 def _bs_low_rank(x: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
-    """[B_n … B_{n-m}]([A_n; …; A_{n-m}] x) for factors (A_n, B_n, A_{n-1}, B_{n-1}, …)."""
-    down, up = torch.cat(factors[0::2], dim=0), torch.cat(factors[1::2], dim=1)
+    """B*(A* x) for factors (A_n, B_n, A_{n-1}, B_{n-1}, …)."""
+    up, down = _concatenated(*factors)
     return F.linear(F.linear(x, down), up)
 
 
