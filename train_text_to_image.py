@@ -51,7 +51,7 @@ from reslora_diffusers import ResLoRAConfig, apply_reslora, save_adapter
 from reslora_diffusers.config import RES_TYPES
 from reslora_diffusers.formats import save_diffusers_lora, save_kohya_lora
 from reslora_diffusers.atomic import atomic_write, atomic_write_text, swap_in_folder
-from reslora_diffusers.cli import OneLineErrorParser, exit_with_error
+from reslora_diffusers.cli import OneLineErrorParser, exit_with_error, first_line
 from reslora_diffusers.io import WEIGHTS_NAME, read_adapter
 from reslora_diffusers.merge import MERGE_METHODS, merge_adapter
 from reslora_diffusers.model_card import model_card
@@ -353,8 +353,7 @@ def load_base(args):
         vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=args.variant, **common)
         unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", variant=args.variant, **common)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
-        first_line = (str(error).strip() or type(error).__name__).splitlines()[0]
-        exit_with_error(f"cannot load the Stable Diffusion model {name}: {first_line}")
+        exit_with_error(f"cannot load the Stable Diffusion model {name}: {first_line(error)}")
     return tokenizer, scheduler, text_encoder, vae, unet
 
 

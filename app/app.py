@@ -25,7 +25,7 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from reslora_diffusers.cli import OneLineErrorParser  # noqa: E402
+from reslora_diffusers.cli import OneLineErrorParser, first_line  # noqa: E402
 from reslora_diffusers.merge import MERGE_METHODS  # noqa: E402
 from reslora_diffusers.pipeline_io import UserInputError, load_pipeline  # noqa: E402
 
@@ -118,11 +118,6 @@ def caption(panel: Panel | None, title: str) -> str:
     return f"**{title}**{weights} · {_seconds(panel.seconds)}"
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
-
-
 def make_generate(comparer: Comparer, roots: list[Path]):
     def generate(
         prompt, negative_prompt, seed, steps, guidance, size, scheduler,
@@ -150,10 +145,10 @@ def make_generate(comparer: Comparer, roots: list[Path]):
             request, panels = comparer.compare(request, on_progress)
         except (UserInputError, ValueError, FileNotFoundError) as error:
             # The library's errors say what is wrong (AdapterMismatchError is a ValueError): show them as they are.
-            raise gr.Error(_first_line(error), title="Cannot draw this", print_exception=False) from None
+            raise gr.Error(first_line(error), title="Cannot draw this", print_exception=False) from None
         except Exception as error:
             logger.exception("generation failed")
-            raise gr.Error(f"generation failed: {_first_line(error)} (the server log has the details)", print_exception=False) from None
+            raise gr.Error(f"generation failed: {first_line(error)} (the server log has the details)", print_exception=False) from None
         by_title = {panel.title: panel for panel in panels}
         images = [by_title[title].image if title in by_title else None for title in SLOTS]
         captions = [caption(by_title.get(title), title) for title in SLOTS]

@@ -237,6 +237,11 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def fmt(value, digits=2, suffix="") -> str:
+    """A table cell: the number with `digits` decimals, "-" where there is none."""
+    return "-" if value is None else f"{value:.{digits}f}{suffix}"
+
+
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
     """A Markdown table whose columns line up in a terminal too."""
     widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows)]

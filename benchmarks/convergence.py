@@ -38,7 +38,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import AdapterSettings, attach, format_table, machine_info, parse_methods  # noqa: E402
+from benchmarks.common import AdapterSettings, attach, fmt, format_table, machine_info, parse_methods  # noqa: E402
 from reslora_diffusers.emoji_data import load_split  # noqa: E402
 from reslora_diffusers.merge import image_psnr  # noqa: E402
 
@@ -422,10 +422,6 @@ def summarise(runs: list[dict], args, steps: list[int]) -> dict:
             best = [r for r in runs if r["method"] == key and r["seed"] == first and r["lr"] == sweep["best_lr"]][0]
             sweep["vs_lora_best_lr"] = speedup(steps, lora_best["heldout_loss"], best["heldout_loss"])
     return summary
-
-
-def fmt(value, digits=4) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def speedup_text(s: dict) -> str:

@@ -35,6 +35,7 @@ from benchmarks.common import (  # noqa: E402
     SavedTensorBytes,
     attach,
     autocast,
+    fmt,
     format_table,
     machine_info,
     optimizer_state_bytes,
@@ -331,10 +332,6 @@ def check_targets(rows, inference_rows) -> list[dict]:
 
 def mib(value) -> str:
     return "-" if value is None else f"{value / 2**20:.1f}"
-
-
-def fmt(value, digits=2, suffix="") -> str:
-    return "-" if value is None else f"{value:.{digits}f}{suffix}"
 
 
 def print_tables(args, summary, device_info) -> None:

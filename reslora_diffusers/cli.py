@@ -17,6 +17,12 @@ def exit_with_error(message: str, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none): enough for a one-line error."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line (argparse prints the whole usage block by default)."""
 

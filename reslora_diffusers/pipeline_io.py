@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from .cli import first_line
+
 
 class UserInputError(ValueError):
     """Bad input from the command line: reported as one line, without a traceback."""
@@ -42,7 +44,7 @@ def load_pipeline(base: str | os.PathLike, base_config: str | os.PathLike | None
                 path, dtype=torch_dtype, safety_checker=None, requires_safety_checker=False, local_files_only=True
             )
         except (OSError, ValueError, KeyError, TypeError) as error:
-            raise UserInputError(f"could not load the Stable Diffusion pipeline in {path}: {_first_line(error)}") from None
+            raise UserInputError(f"could not load the Stable Diffusion pipeline in {path}: {first_line(error)}") from None
     if path.suffix != ".safetensors":
         raise UserInputError(f"{path}: only .safetensors single-file checkpoints are loaded (pickled files are unsafe)")
     if base_config is not None and not Path(base_config).is_dir():
@@ -58,9 +60,4 @@ def load_pipeline(base: str | os.PathLike, base_config: str | os.PathLike | None
         )
     except Exception as error:  # diffusers raises many kinds here; all mean "this file can't be used"
         hint = "" if base_config is not None else " (pass the diffusers folder it was made from as the base config)"
-        raise UserInputError(f"could not load the single-file checkpoint {path}: {_first_line(error)}{hint}") from None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
+        raise UserInputError(f"could not load the single-file checkpoint {path}: {first_line(error)}{hint}") from None

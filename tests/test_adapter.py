@@ -5,6 +5,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +23,9 @@ from tiny_models import (
     token_ids,
     unet_inputs,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import SavedTensorBytes  # noqa: E402  (the benchmarks' memory accounting)
 
 RES_TYPES = ["none", "is", "bs", "ms"]
 VARIANTS = [(r, p) for r in RES_TYPES for p in (0, 1, -1)]
@@ -152,19 +157,11 @@ def test_bs_chooses_the_dense_update_only_for_long_chains():
 
 
 def saved_activation_bytes(model, inputs) -> int:
-    """Bytes autograd keeps for backward in one forward (distinct storages, the model's parameters excluded)."""
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        run_unet(model, inputs).square().mean().backward()
-    return sum(storages.values())
+    """Bytes autograd keeps for backward in one forward: the accounting `benchmarks/speed.py` reports."""
+    with SavedTensorBytes(exclude=[model]).recording() as saved:
+        loss = run_unet(model, inputs).square().mean()
+    loss.backward()
+    return saved.total
 
 
 @pytest.mark.parametrize("dense", [False, True])
