@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -88,24 +89,38 @@ def parse_args(argv=None):
     p.add_argument("--vae_channels", default="16,32,64", help="VAE block_out_channels (3 levels: 64 -> 16 px)")
     p.add_argument("--text_hidden", type=int, default=128, help="text encoder width = UNet cross_attention_dim")
     p.add_argument("--text_layers", type=int, default=3, help="text encoder layers")
+    p.add_argument("--init_from", default=None,
+                   help="continue from this pipeline folder (tokenizer, VAE, text encoder, UNet); the width flags are then ignored")
+    p.add_argument("--vae_train", choices=("full", "decoder"), default="full",
+                   help="'decoder' freezes the VAE encoder, so the latents (and a UNet trained on them) stay valid")
+    p.add_argument("--checkpoint_dir", default="data/pretrain_checkpoint",
+                   help="UNet-phase checkpoint (safetensors + JSON), rewritten atomically every --checkpoint_minutes")
+    p.add_argument("--checkpoint_minutes", type=float, default=10.0, help="minutes between checkpoints")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the UNet phase from --checkpoint_dir (VAE phase skipped; needs the same --init_from/widths)")
     args = p.parse_args(argv)
     args.unet_channels = tuple(int(c) for c in args.unet_channels.split(","))
     args.vae_channels = tuple(int(c) for c in args.vae_channels.split(","))
     if len(args.unet_channels) != 3 or len(args.vae_channels) != 3:
         p.error("--unet_channels and --vae_channels need three comma-separated widths")
-    if not 0 < args.vae_minutes < args.max_minutes:
-        p.error("--vae_minutes must be positive and below --max_minutes")
+    if not 0 <= args.vae_minutes < args.max_minutes:
+        p.error("--vae_minutes must be at least 0 and below --max_minutes")
+    if args.vae_minutes == 0 and args.init_from is None:
+        p.error("--vae_minutes 0 (no VAE training) needs --init_from with a trained VAE")
+    if args.vae_train == "decoder" and args.init_from is None:
+        p.error("--vae_train decoder needs --init_from (the frozen encoder comes from there)")
     return args
 
 
 class TimeBox:
     """Fits a phase's step count to its time budget, re-estimated from the measured step time."""
 
-    def __init__(self, max_steps: int, seconds: float):
+    def __init__(self, max_steps: int, seconds: float, first_step: int = 0):
         self.total, self.max_steps, self.deadline, self.start = max_steps, max_steps, time.time() + seconds, None
+        self.first_step = first_step  # > 0 when a resumed run continues an earlier one
 
     def update(self, step: int) -> None:
-        if step == 5:  # the first steps are slow (allocations); measure from here
+        if step == self.first_step + 5:  # the first steps are slow (allocations); measure from here
             self.start = (time.time(), step)
         elif self.start is not None and step % 25 == 0:
             per_step = (time.time() - self.start[0]) / (step - self.start[1])
@@ -209,8 +224,16 @@ def make_text_encoder(tokenizer, hidden: int, layers: int, max_length: int):
 
 
 def train_vae(vae, images_u8, args, device, seconds):
-    """Reconstruction (L1 + MSE) with a tiny KL term; returns the trained VAE in eval mode."""
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    """Reconstruction (L1 + MSE) with a tiny KL term; returns the trained VAE in eval mode.
+
+    With ``--vae_train decoder`` the encoder stays frozen: the latents do not move, so a UNet already
+    trained on them stays valid while the decoder learns to reconstruct sharper images.
+    """
+    if args.vae_train == "decoder":
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    trained = [q for q in vae.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=args.vae_lr, weight_decay=0.0)
     box = TimeBox(args.vae_steps, seconds)
     gen = torch.Generator().manual_seed(args.seed)
     vae.train()
@@ -220,14 +243,16 @@ def train_vae(vae, images_u8, args, device, seconds):
         x = to_model_range(images_u8[idx]).to(device)
         if torch.rand((), generator=gen) < 0.5:  # flips only help the autoencoder generalise
             x = x.flip(-1)
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample()).sample
+        with torch.set_grad_enabled(args.vae_train == "full"):
+            posterior = vae.encode(x).latent_dist
+            z = posterior.sample()
+        recon = vae.decode(z).sample
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
         for g in opt.param_groups:
             g["lr"] = args.vae_lr * box.lr_factor(step, args.warmup_steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         step += 1
         box.update(step)
@@ -237,6 +262,18 @@ def train_vae(vae, images_u8, args, device, seconds):
     bar.close()
     print(f"vae: {step} steps", flush=True)
     return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae, images_u8, device, batch=64) -> float:
+    """Mean PSNR (dB, 0-255 range) of decode(encoder mean) over ``images_u8``."""
+    psnrs = []
+    for i in range(0, len(images_u8), batch):
+        x = to_model_range(images_u8[i:i + batch]).to(device)
+        recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        mse = ((recon - x) * 127.5).pow(2).mean(dim=(1, 2, 3))
+        psnrs.append(10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-8)))
+    return float(torch.cat(psnrs).mean())
 
 
 @torch.no_grad()
@@ -250,18 +287,64 @@ def encode_all(vae, images_u8, device, batch=128):
     return torch.cat(means), torch.cat(stds)
 
 
+def save_checkpoint(directory: Path, params, ema, opt, step: int, gen: torch.Generator, order: torch.Tensor) -> None:
+    """Everything the UNet phase needs to continue, as safetensors + JSON (no pickle), swapped in atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {f"param.{i}": p.detach().contiguous() for i, p in enumerate(params)}
+    if ema is not None:
+        tensors.update({f"ema.{i}": e.contiguous() for i, e in enumerate(ema)})
+    for i, p in enumerate(params):
+        for key, value in opt.state.get(p, {}).items():
+            tensors[f"adam.{i}.{key}"] = value.detach().reshape(-1) if value.ndim == 0 else value.detach().contiguous()
+    tensors["generator_state"] = gen.get_state()
+    tensors["epoch_order"] = order.contiguous()
+
+    def write(folder: Path) -> None:
+        save_file(tensors, str(folder / "state.safetensors"))
+        (folder / "progress.json").write_text(json.dumps({"step": step, "saved_at": time.time()}) + "\n")
+
+    atomic_write_folder(directory, write)
+
+
+def load_checkpoint(directory: Path, params, ema, opt, gen: torch.Generator) -> tuple[int, torch.Tensor]:
+    """Restores what ``save_checkpoint`` wrote; returns (step, the rest of the epoch's order)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(directory / "state.safetensors"))
+    step = json.loads((directory / "progress.json").read_text())["step"]
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            if tensors[f"param.{i}"].shape != p.shape:
+                raise SystemExit(f"error: {directory} was saved for another model (parameter {i} has another shape)")
+            p.copy_(tensors[f"param.{i}"])
+            if ema is not None:
+                ema[i].copy_(tensors[f"ema.{i}"])
+            state = {key.split(".", 2)[2]: value for key, value in tensors.items() if key.startswith(f"adam.{i}.")}
+            if state:
+                state["step"] = state["step"].reshape(())
+                opt.state[p] = state
+    gen.set_state(tensors["generator_state"])
+    return step, tensors["epoch_order"]
+
+
 def train_unet(unet, text_encoder, ids, empty_ids, mean, std, scaling, scheduler, args, device, seconds):
-    """Joint UNet + text encoder training; returns the number of steps done."""
+    """Joint UNet + text encoder training; returns the number of steps done (this run and resumed ones)."""
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     ema = [p.detach().clone() for p in params] if args.ema_decay > 0 else None
-    box = TimeBox(args.unet_steps, seconds)
     gen = torch.Generator().manual_seed(args.seed + 1)
+    n, step, order = len(ids), 0, torch.empty(0, dtype=torch.long)
+    checkpoint_dir = Path(args.checkpoint_dir)
+    if args.resume:
+        step, order = load_checkpoint(checkpoint_dir, params, ema, opt, gen)
+        print(f"resumed the UNet phase at step {step} from {checkpoint_dir}", flush=True)
+    box = TimeBox(args.unet_steps, seconds, first_step=step)
+    last_save = time.time()
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     unet.train()
     text_encoder.train()
-    n, step, order = len(ids), 0, torch.empty(0, dtype=torch.long)
-    bar = tqdm(desc="unet", unit="step")
+    bar = tqdm(desc="unet", unit="step", initial=step)
     while step < box.total:
         if len(order) < args.batch_size:  # reshuffle once per epoch
             order = torch.cat([order, torch.randperm(n, generator=gen)])
@@ -299,7 +382,11 @@ def train_unet(unet, text_encoder, ids, empty_ids, mean, std, scaling, scheduler
         bar.update(1)
         bar.total = box.total
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
+        if time.time() - last_save > args.checkpoint_minutes * 60:
+            save_checkpoint(checkpoint_dir, params, ema, opt, step, gen, order)
+            last_save = time.time()
     bar.close()
+    save_checkpoint(checkpoint_dir, params, ema, opt, step, gen, order)
     if ema is not None:
         with torch.no_grad():
             for p, e in zip(params, ema):
@@ -351,6 +438,29 @@ def sample_grid(model_dir: Path, prompts: list[str], path: Path, device, seed: i
     grid.save(path)
 
 
+def load_init(folder: Path):
+    """Tokenizer, VAE, text encoder and UNet of an earlier base, to continue training it."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    previous = folder / "training_info.json"
+    lineage = json.loads(previous.read_text()) if previous.is_file() else None
+    return tokenizer, vae, text_encoder, unet, lineage
+
+
+def machine_description(args) -> dict:
+    import platform
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    return {"device": args.device, "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": args.num_threads,
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
 def main(argv=None):
     args = parse_args(argv)
     started = time.time()
@@ -362,39 +472,63 @@ def main(argv=None):
     records = load_split(args.data_dir, split=None)
     captions = [r["text"] for r in records]
     images_u8 = load_images(records)
+    heldout_u8 = images_u8[[i for i, r in enumerate(records) if r["split"] == "heldout"]]
 
     tok_dir = Path(tempfile.mkdtemp(prefix="emoji-tokenizer-"))
-    tokenizer = train_tokenizer(captions, tok_dir, args.vocab_size, args.max_length)
-    enc = tokenizer(captions, padding="max_length", max_length=args.max_length, truncation=True, return_tensors="pt")
+    lineage = None
+    if args.init_from:
+        tokenizer, vae, text_encoder, unet, lineage = load_init(Path(args.init_from))
+        tokenizer.save_pretrained(tok_dir)
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy(Path(args.init_from) / "tokenizer" / name, tok_dir / name)
+        vae, text_encoder, unet = vae.to(device), text_encoder.to(device), unet.to(device)
+    else:
+        tokenizer = train_tokenizer(captions, tok_dir, args.vocab_size, args.max_length)
+        vae = make_vae(args.vae_channels).to(device)
+    max_length = tokenizer.model_max_length
+    enc = tokenizer(captions, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     ids = enc.input_ids.to(device)
-    n_long = sum(len(x) > args.max_length for x in tokenizer(captions).input_ids)
-    empty_ids = tokenizer([""], padding="max_length", max_length=args.max_length, return_tensors="pt").input_ids.to(device)
+    n_long = sum(len(x) > max_length for x in tokenizer(captions).input_ids)
+    empty_ids = tokenizer([""], padding="max_length", max_length=max_length, return_tensors="pt").input_ids.to(device)
     print(f"tokenizer: {len(tokenizer)} tokens, {n_long} captions truncated; 'french fries' -> "
           f"{tokenizer.tokenize('french fries')}", flush=True)
 
-    # phase 1: the autoencoder
-    vae = make_vae(args.vae_channels).to(device)
-    vae = train_vae(vae, images_u8, args, device, args.vae_minutes * 60 - (time.time() - started))
+    # phase 1: the autoencoder (skipped on --resume: the checkpointed run already trained it)
+    psnr_before = reconstruction_psnr(vae.eval(), heldout_u8, device) if args.init_from else None
+    vae_seconds = 0.0 if args.resume else args.vae_minutes * 60 - (time.time() - started)
+    if vae_seconds > 0:
+        vae = train_vae(vae, images_u8, args, device, vae_seconds)
+    vae = vae.eval().requires_grad_(False)
+    psnr_after = reconstruction_psnr(vae, heldout_u8, device)
+    print(f"vae: held-out reconstruction PSNR {psnr_after:.2f} dB (before: {psnr_before})", flush=True)
     mean, std = encode_all(vae, images_u8, device)
-    scaling = float(1.0 / mean.std())
-    vae.register_to_config(scaling_factor=scaling)
+    if args.init_from:  # the UNet was trained on latents with this scaling: keep it
+        scaling = float(vae.config.scaling_factor)
+    else:
+        scaling = float(1.0 / mean.std())
+        vae.register_to_config(scaling_factor=scaling)
     vae_minutes = (time.time() - started) / 60
     print(f"vae done after {vae_minutes:.1f} min; latent scaling_factor {scaling:.4f}", flush=True)
 
     # phase 2: text encoder + UNet, jointly; keep ~1.5 min for saving and the sample grid
-    text_encoder = make_text_encoder(tokenizer, args.text_hidden, args.text_layers, args.max_length).to(device)
-    unet = make_unet(args.unet_channels, args.text_hidden).to(device)
+    if not args.init_from:
+        text_encoder = make_text_encoder(tokenizer, args.text_hidden, args.text_layers, max_length).to(device)
+        unet = make_unet(args.unet_channels, args.text_hidden).to(device)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", prediction_type="v_prediction")
     seconds = args.max_minutes * 60 - (time.time() - started) - 90
     unet_steps = train_unet(unet, text_encoder, ids, empty_ids, mean, std, scaling, scheduler, args, device, seconds)
 
     info = {
+        "command": "python scripts/pretrain_base.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "command_args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
-        "vae_minutes": round(vae_minutes, 2), "unet_steps": unet_steps,
+        "machine": machine_description(args),
+        "vae_minutes": round(vae_minutes, 2), "unet_steps": unet_steps, "batch_size": args.batch_size,
+        "vae_heldout_psnr_db": {"before": None if psnr_before is None else round(psnr_before, 2), "after": round(psnr_after, 2)},
         "total_minutes": round((time.time() - started) / 60, 2), "images": len(records),
         "parameters": {name: sum(p.numel() for p in m.parameters()) for name, m in
                        [("vae", vae), ("text_encoder", text_encoder), ("unet", unet)]},
+        "continued_from": lineage,
     }
     out_dir = Path(args.output_dir)
     save_pipeline(out_dir, vae.cpu(), text_encoder.eval().cpu(), tokenizer, unet.eval().cpu(), tok_dir, info)
