@@ -101,6 +101,18 @@ class ResLoRAAdapter:
             if component is None or name.split(".", 1)[0] == component:
                 yield name, block
 
+    @property
+    def shortcut_scale(self) -> float:
+        """γ of the shortcut terms (SPEC §3): 1 = ResLoRA as trained, 0 = plain LoRA that merges exactly."""
+        return next(iter(self.blocks.values())).shortcut_scale if self.blocks else 1.0
+
+    def set_shortcut_scale(self, scale: float) -> None:
+        """Scales every block's shortcut terms by γ = `scale` in [0, 1] (shortcut annealing, see annealing.py)."""
+        if not 0.0 <= scale <= 1.0:
+            raise ValueError(f"the shortcut scale must be in [0, 1], got {scale!r}")
+        for block in self.blocks.values():
+            block.shortcut_scale = float(scale)
+
     def input_norm_means(self) -> dict[str, float | None]:
         return {name: block.mean_input_norm() for name, block in self.blocks.items()}
 
@@ -274,16 +286,30 @@ def apply_reslora(
         tracker = ForwardPassTracker()
         _patch_text_encoder(adapter, {layer.name: text_targets[layer.name] for layer in probed["text_encoder"]}, tracker)
         _track_forward_passes(text_encoder, tracker, adapter._undo)
+    unlinked = set() if config.cross_attention_shortcuts else _cross_attention_key_value(unet, unet_targets)
     for component_chains in adapter.chains.values():
         for chain in component_chains:
             for position, name in enumerate(chain):
                 earlier = predecessors(chain, position, config.res_type, config.pre_num)
-                adapter.blocks[name].link([adapter.blocks[n] for n in earlier])
+                if name in unlinked:
+                    earlier = []
+                adapter.blocks[name].link([adapter.blocks[n] for n in earlier if n not in unlinked])
 
     if config.delta_lora:
         weights = {name: layer.weight for name, layer in adapter.base_layers.items()}
         adapter.delta_lora = DeltaLoRA(adapter.blocks, weights, config.delta_lora_ratio, config.delta_lora_start)
     return adapter
+
+
+def _cross_attention_key_value(unet: nn.Module, targets: dict[str, tuple[str, str, nn.Linear]]) -> set[str]:
+    """The cross-attention `to_k` / `to_v` blocks: every one of them reads the same text embedding, so an `is`
+    shortcut there only doubles the branch (a larger step, not a shortcut); `cross_attention_shortcuts=False`
+    leaves them unlinked."""
+    return {
+        name
+        for name, (path, target, _linear) in targets.items()
+        if target in ("to_k", "to_v") and getattr(unet.get_submodule(path), "is_cross_attention", False)
+    }
 
 
 def _check_saved_chains(probed: dict[str, list[list[str]]], saved: dict[str, list[list[str]]]) -> None:

@@ -44,6 +44,13 @@ class ResLoRAConfig:
         default=100,
         metadata={"help": "Sliding window of per-block input Frobenius norms kept for the input-based merge."},
     )
+    cross_attention_shortcuts: bool = field(
+        default=True,
+        metadata={
+            "help": "Link the UNet's cross-attention to_k / to_v blocks too (they all read the same text embedding, "
+            "so there a shortcut only enlarges the branch). False: those blocks are plain LoRA."
+        },
+    )
 
     def __post_init__(self) -> None:
         # Lists from JSON or argparse become tuples, so the frozen config stays hashable and comparable.

@@ -34,6 +34,8 @@ def adapter_metadata(adapter: ResLoRAAdapter) -> dict[str, Any]:
         "chains": adapter.chains,
         "layers": {name: layer.to_dict() for name, layer in adapter.layers.items()},
         "input_norm_means": adapter.input_norm_means(),
+        # γ of the shortcut terms (annealing ends at 0: a plain LoRA); files without it were trained at 1.
+        "shortcut_scale": adapter.shortcut_scale,
         "delta_lora_started": bool(adapter.delta_lora and adapter.delta_lora.started),
     }
 
@@ -90,7 +92,8 @@ def load_adapter(
     adapter = apply_reslora(unet, config, text_encoder=text_encoder, chains=chains)
     try:
         adapter.load_state_dict(tensors)
-    except AdapterMismatchError:
+        adapter.set_shortcut_scale(float(metadata.get("shortcut_scale", 1.0)))
+    except (AdapterMismatchError, ValueError):
         adapter.remove()
         raise
     return adapter
