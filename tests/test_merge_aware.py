@@ -135,7 +135,8 @@ def test_cross_attention_key_value_blocks_can_be_left_unlinked(res_type):
         if name in cross_kv:
             assert not block.previous and not block.feeds_later_blocks
         else:
-            assert [b.name for b in block.previous] == [b.name for b in linked.blocks[name].previous]
+            # Links to other blocks stay (bs chains can mix self- and cross-attention layers of equal shape).
+            assert [b.name for b in block.previous] == [b.name for b in linked.blocks[name].previous if b.name not in cross_kv]
 
 
 def test_lora_plus_groups_give_b_ratio_times_the_learning_rate_of_a():
