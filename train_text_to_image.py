@@ -53,6 +53,8 @@ from reslora_diffusers.formats import save_diffusers_lora, save_kohya_lora
 from reslora_diffusers.atomic import atomic_write, atomic_write_text, swap_in_folder
 from reslora_diffusers.cli import OneLineErrorParser, exit_with_error, first_line
 from reslora_diffusers.io import WEIGHTS_NAME, read_adapter
+from reslora_diffusers.annealing import shortcut_anneal_factor
+from reslora_diffusers.lora_plus import lora_plus_param_groups
 from reslora_diffusers.merge import MERGE_METHODS, merge_adapter
 from reslora_diffusers.model_card import model_card
 from reslora_diffusers.training_data import (
@@ -250,6 +252,20 @@ def parse_args(argv=None):
         "--delta_lora_ratio", type=float, default=0.0, help="Delta-LoRA lambda (0: off); needs --res_type none."
     )
     parser.add_argument("--delta_lora_start", type=int, default=500, help="Delta-LoRA K: the step after which the frozen weights move.")
+    # Merge-aware training (issue 17; README "Which merge for is / ms"): the merged model is what users deploy.
+    parser.add_argument(
+        "--shortcut_anneal_fraction", type=float, default=0.0,
+        help="Scale the is / ms / bs shortcut terms from 1 to 0 (half cosine) over this last fraction of the steps, so the "
+        "trained model is a plain LoRA that merges exactly (0: off).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no_cross_attention_shortcuts", action="store_true",
+        help="Leave the cross-attention to_k / to_v blocks unlinked (they all read the same text embedding).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--lora_plus_ratio", type=float, default=1.0,
+        help="LoRA+: B's learning rate = this × --learning_rate (A's); the LoRA+ paper uses 16. 1: plain LoRA (any --res_type).",
+    )  # fmt: skip
     parser.add_argument(
         "--merge_method",
         type=str,
@@ -286,6 +302,10 @@ def parse_args(argv=None):
         parser.error(f"--snr_gamma must be > 0, got {args.snr_gamma}")
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)
+    if not 0 <= args.shortcut_anneal_fraction <= 1:
+        parser.error(f"--shortcut_anneal_fraction must be in [0, 1], got {args.shortcut_anneal_fraction}")
+    if args.lora_plus_ratio <= 0:
+        parser.error(f"--lora_plus_ratio must be > 0, got {args.lora_plus_ratio}")
     try:
         args.adapter_config = ResLoRAConfig(
             res_type=args.res_type,
@@ -295,6 +315,7 @@ def parse_args(argv=None):
             lora_dropout=args.lora_dropout,
             delta_lora_ratio=args.delta_lora_ratio,
             delta_lora_start=args.delta_lora_start,
+            cross_attention_shortcuts=not args.no_cross_attention_shortcuts,
         )
     except ValueError as error:
         message = str(error).replace("res_type='none'", "--res_type none").replace("lora_dropout=0", "--lora_dropout 0")
@@ -614,7 +635,7 @@ def main(argv=None):
 
     optimizer_class = bnb.optim.AdamW8bit if args.use_8bit_adam else torch.optim.AdamW
     optimizer = optimizer_class(
-        adapter.trainable_parameters(),
+        lora_plus_param_groups(adapter, args.learning_rate, args.lora_plus_ratio),
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
@@ -751,6 +772,8 @@ def main(argv=None):
             for batch in dataloader:
                 if global_step >= args.max_train_steps:
                     break
+                # Shortcut annealing: γ of the step being taken (a function of the step, so a resumed run agrees).
+                adapter.set_shortcut_scale(shortcut_anneal_factor(global_step + 1, args.max_train_steps, args.shortcut_anneal_fraction))
                 with accelerator.accumulate(*train_models):
                     # Convert images to latent space
                     with torch.no_grad():
@@ -859,6 +882,8 @@ def main(argv=None):
         logger.warning(f"adapter replicas differ across processes by up to {replica_difference:.3g}")
 
     # Save the adapter, the merged exports, the last validation grid and the model card.
+    # γ after the last step taken (0 when annealing finished: the adapter is then a plain LoRA and merges exactly).
+    adapter.set_shortcut_scale(shortcut_anneal_factor(global_step, args.max_train_steps, args.shortcut_anneal_fraction) if global_step else 1.0)
     if accelerator.is_main_process:
         final_loss = None
         if metrics is not None:

@@ -10,9 +10,15 @@ from .adapter import ResLoRAAdapter
 
 
 def lora_plus_param_groups(adapter: ResLoRAAdapter, lr: float, ratio: float = 1.0) -> list[dict]:
-    """Optimizer parameter groups: every A at `lr`, every B at `ratio × lr` (ratio 1: plain LoRA's one rate)."""
+    """Optimizer parameter groups: every A at `lr`, every B at `ratio × lr`.
+
+    Ratio 1 gives plain LoRA's one group, in `trainable_parameters()` order (optimizer states saved before
+    LoRA+ existed still load).
+    """
     if ratio <= 0:
         raise ValueError(f"the LoRA+ ratio must be > 0, got {ratio!r}")
+    if ratio == 1:
+        return [{"params": adapter.trainable_parameters(), "lr": lr}]
     blocks = list(adapter.blocks.values())
     return [
         {"params": [b.lora_A for b in blocks], "lr": lr, "name": "lora_A"},

@@ -191,6 +191,19 @@ def test_resume_gives_the_same_adapter_as_a_straight_run(tiny, tmp_path):
     assert summary(resumed)["merge"] == "exact"
 
 
+def test_annealed_lora_plus_run_ends_as_a_plain_lora_with_an_exact_merge(tiny, tmp_path):
+    """Issue 17: --shortcut_anneal_fraction takes the ms shortcuts to 0 by the last step, so the export is exact;
+    --lora_plus_ratio and --no_cross_attention_shortcuts reach the optimizer and the saved config."""
+    out = tmp_path / "annealed"
+    flags = ["--res_type", "ms", "--shortcut_anneal_fraction", "0.5", "--lora_plus_ratio", "4", "--no_cross_attention_shortcuts",
+             "--merge_method", "calibrated", "--max_train_steps", "4", "--lr_scheduler", "constant"]  # fmt: skip
+    check(run(tiny_args(tiny, out, *flags)))
+    saved = json.loads((out / "reslora_config.json").read_text())
+    assert saved["shortcut_scale"] == 0.0 and saved["config"]["cross_attention_shortcuts"] is False
+    assert summary(out)["merge"] == "exact"
+    assert all(abs(a - b) > 0 for a, b in zip(losses(out), losses(out)[1:]))  # it trained
+
+
 def test_killed_run_resumes_from_its_last_complete_checkpoint(tiny, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     flags = ["--max_train_steps", "9", "--checkpointing_steps", "3"]
