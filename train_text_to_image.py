@@ -53,7 +53,7 @@ from reslora_diffusers.formats import save_diffusers_lora, save_kohya_lora
 from reslora_diffusers.atomic import atomic_write, atomic_write_text, swap_in_folder
 from reslora_diffusers.cli import OneLineErrorParser, exit_with_error, first_line
 from reslora_diffusers.io import WEIGHTS_NAME, read_adapter
-from reslora_diffusers.annealing import shortcut_anneal_factor
+from reslora_diffusers.annealing import DEFAULT_ANNEAL_FRACTION, shortcut_anneal_factor
 from reslora_diffusers.lora_plus import lora_plus_param_groups
 from reslora_diffusers.merge import MERGE_METHODS, merge_adapter
 from reslora_diffusers.model_card import model_card
@@ -254,9 +254,9 @@ def parse_args(argv=None):
     parser.add_argument("--delta_lora_start", type=int, default=500, help="Delta-LoRA K: the step after which the frozen weights move.")
     # Merge-aware training (issue 17; README "Which merge for is / ms"): the merged model is what users deploy.
     parser.add_argument(
-        "--shortcut_anneal_fraction", type=float, default=0.0,
+        "--shortcut_anneal_fraction", type=float, default=None,
         help="Scale the is / ms / bs shortcut terms from 1 to 0 (half cosine) over this last fraction of the steps, so the "
-        "trained model is a plain LoRA that merges exactly (0: off).",
+        f"trained model is a plain LoRA that merges exactly (0: off). Default: {DEFAULT_ANNEAL_FRACTION} for is / ms, 0 otherwise.",
     )  # fmt: skip
     parser.add_argument(
         "--no_cross_attention_shortcuts", action="store_true",
@@ -302,6 +302,8 @@ def parse_args(argv=None):
         parser.error(f"--snr_gamma must be > 0, got {args.snr_gamma}")
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)
+    if args.shortcut_anneal_fraction is None:  # is / ms merge only approximately: end them as plain LoRA (README)
+        args.shortcut_anneal_fraction = DEFAULT_ANNEAL_FRACTION if args.res_type in ("is", "ms") else 0.0
     if not 0 <= args.shortcut_anneal_fraction <= 1:
         parser.error(f"--shortcut_anneal_fraction must be in [0, 1], got {args.shortcut_anneal_fraction}")
     if args.lora_plus_ratio <= 0:

@@ -53,8 +53,8 @@ from reslora_diffusers.emoji_data import load_split  # noqa: E402
 from reslora_diffusers.merge import MERGE_METHODS, alpha_statistics, baked_weights, image_psnr, is_exact, merge_adapter  # noqa: E402
 
 DEFAULT_METHODS = "lora,lora+,is,ms,bs,ms+,is_anneal,ms_anneal,is_nokv,ms_nokv"
-FULL = dict(steps=1000, batch_size=64, seeds="0,1,2", eval_every=50, eval_draws=4, image_prompts=0, sample_steps=20, tag="full")
-QUICK = dict(steps=150, batch_size=16, seeds="0,1,2", eval_every=25, eval_draws=2, image_prompts=48, sample_steps=10, tag="quick")
+FULL = dict(steps=1000, batch_size=64, seeds="0,1,2", eval_every=50, eval_draws=4, image_prompts=0, sample_steps=20, tag="merged_full")
+QUICK = dict(steps=150, batch_size=16, seeds="0,1,2", eval_every=25, eval_draws=2, image_prompts=48, sample_steps=10, tag="merged_quick")
 # Settings a resumed run must share with the runs it continues (the thread count changes CPU results).
 RESULT_SETTINGS = ("base_unet_sha256", "steps", "batch_size", "rank", "lora_alpha", "delta_lora_ratio", "delta_lora_start",
                    "eval_every", "eval_draws", "val_draws", "image_prompts", "sample_steps", "guidance_scale", "max_train",
@@ -99,7 +99,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (results on the CPU depend on it; --resume checks it)")
     p.add_argument("--out_dir", default=str(ROOT / "benchmarks" / "results"), help="where JSON and PNGs are written")
-    p.add_argument("--tag", default=None, help="name part of the output files [full; quick]")
+    p.add_argument("--tag", default=None, help="name part of the output files [merged_full; quick merged_quick]")
     p.add_argument("--no_plots", action="store_true", help="skip the PNGs")
     p.add_argument("--resume", action="store_true",
                    help="keep the finished runs of an earlier invocation with the same --tag and settings, run only the rest")

@@ -118,7 +118,7 @@ def test_convergence_quick_judges_the_merged_model_and_writes_json(tmp_path):
     ]  # fmt: skip
     result = run_script(*args, timeout=600)
     assert "The merged (deployed) model" in result.stdout and "Learning rate" in result.stdout
-    data = json.loads((tmp_path / "out" / "convergence_quick.json").read_text())
+    data = json.loads((tmp_path / "out" / "convergence_merged_quick.json").read_text())
     assert data["eval_steps"] == [0, 2, 4] and len(data["settings"]["base_unet_sha256"]) == 64
     # Every method starts from the base model (B = 0): the same held-out loss at step 0.
     assert len({round(run["heldout_loss"][0], 10) for run in data["runs"]}) == 1
@@ -138,8 +138,8 @@ def test_convergence_quick_judges_the_merged_model_and_writes_json(tmp_path):
             assert run["merged"]["exact"]["heldout"] == pytest.approx(run["heldout_loss"][-1], rel=1e-5)
         if run["method"] == "ms_m1_anneal+":
             assert run["shortcut_scale"] == [1.0, 0.0]
-    assert (tmp_path / "out" / "convergence_quick.png").is_file()
-    assert (tmp_path / "out" / "convergence_quick_samples.png").is_file()
+    assert (tmp_path / "out" / "convergence_merged_quick.png").is_file()
+    assert (tmp_path / "out" / "convergence_merged_quick_samples.png").is_file()
     # --resume with another thread count refuses (CPU results depend on it).
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     refused = subprocess.run([sys.executable, *map(str, args[:-4]), "--threads", "2", "--out_dir", tmp_path / "out", "--resume"],
