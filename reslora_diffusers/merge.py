@@ -23,7 +23,7 @@ import torch
 from .adapter import ResLoRAAdapter
 from .blocks import ResLoRABlock
 from .formats import LoRAFactors, lora_delta
-from .merge_calibration import alpha_merged_down, collect_layer_statistics, relative_layer_error
+from .merge_calibration import alpha_merged_down, collect_layer_statistics, relative_layer_error, run_with_block_hooks
 
 MERGE_METHODS = ("input", "weight", "lstsq", "lstsq_joint", "calibrated")
 CALIBRATED_METHODS = ("lstsq", "lstsq_joint", "calibrated")  # need a calibration run
@@ -142,13 +142,9 @@ class _ShortcutStatistics:
 def collect_shortcut_statistics(adapter: ResLoRAAdapter, calibration: Callable[[], object]) -> _ShortcutStatistics:
     """Runs `calibration` (forward passes of the unmerged model on real prompts) with recording hooks."""
     stats = _ShortcutStatistics(adapter)
-    handles = [block.register_forward_pre_hook(stats.hook(name, block)) for name, block in adapter.blocks.items()]
     try:
-        with torch.no_grad():
-            calibration()
+        run_with_block_hooks(adapter, stats.hook, calibration)
     finally:
-        for handle in handles:
-            handle.remove()
         stats.inputs.clear()
     if not any(sum(v) for v in stats.square.values()) and stats.square:
         raise ValueError("the calibration run never reached the adapter's shortcut blocks")

@@ -104,16 +104,23 @@ def alpha_merged_down(block: ResLoRABlock, alphas: list[float]) -> torch.Tensor:
     return down.cpu()
 
 
-def collect_layer_statistics(adapter: ResLoRAAdapter, calibration: Callable[[], object]) -> LayerStatistics:
-    """Runs `calibration` (forward passes of the unmerged model on real inputs) with recording hooks."""
-    stats = LayerStatistics(adapter)
-    handles = [block.register_forward_pre_hook(stats.hook(name, block)) for name, block in adapter.blocks.items()]
+def run_with_block_hooks(adapter: ResLoRAAdapter, make_hook: Callable, calibration: Callable[[], object]) -> None:
+    """Runs `calibration` without gradients, with the forward pre-hook `make_hook(name, block)` on every block."""
+    handles = [block.register_forward_pre_hook(make_hook(name, block)) for name, block in adapter.blocks.items()]
     try:
         with torch.no_grad():
             calibration()
     finally:
         for handle in handles:
             handle.remove()
+
+
+def collect_layer_statistics(adapter: ResLoRAAdapter, calibration: Callable[[], object]) -> LayerStatistics:
+    """Runs `calibration` (forward passes of the unmerged model on real inputs) with recording hooks."""
+    stats = LayerStatistics(adapter)
+    try:
+        run_with_block_hooks(adapter, stats.hook, calibration)
+    finally:
         stats._inputs.clear()
     missing = sorted(set(stats.blocks) - set(stats.xx))
     if missing:

@@ -119,8 +119,8 @@ def fidelity_report(pipe, adapter, args) -> tuple[dict, dict]:
     chosen = None
     for method in methods:
         result = merge_adapter(adapter, args.merge_method if method == "exact" else method, calibration)
-        entry = {"alpha": alpha_statistics(result.alphas)}
-        if stats is not None:
+        entry = {"alpha": alpha_statistics(result.alphas), **result.report}
+        if stats is not None and method != "calibrated":  # the α objective; calibrated factors are not α-based
             entry["calibration_objective"] = sum(stats.objective(result.alphas).values())
         with baked_weights(adapter, result.factors):
             merged_unet, merged_text = _outputs(pipe, unet_calls, token_ids)
@@ -139,7 +139,7 @@ def fidelity_report(pipe, adapter, args) -> tuple[dict, dict]:
 
 def print_report(report: dict) -> None:
     print(f"merge fidelity ({report['res_type']}, pre_num {report['pre_num']}; merged vs unmerged, same inputs and seed)")
-    print(f"{'method':<8} {'alpha mean [min, max]':<26} {'UNet rel.err':>12} {'text rel.err':>12} {'image PSNR':>11}")
+    print(f"{'method':<11} {'alpha mean [min, max]':<26} {'UNet rel.err':>12} {'text rel.err':>12} {'image PSNR':>11}")
     for method, entry in report["methods"].items():
         alpha = entry["alpha"]
         alpha_text = f"{alpha['mean']:.3f} [{alpha['min']:.3f}, {alpha['max']:.3f}]" if alpha["count"] else "-"
@@ -147,7 +147,7 @@ def print_report(report: dict) -> None:
         psnr = entry.get("image_psnr_db")
         mark = " *" if method == report["chosen"] else ""
         print(
-            f"{method:<8} {alpha_text:<26} {entry['unet_relative_error']:>12.2e} "
+            f"{method:<11} {alpha_text:<26} {entry['unet_relative_error']:>12.2e} "
             f"{'-' if text_error is None else f'{text_error:.2e}':>12} "
             f"{'-' if psnr is None else ('inf' if math.isinf(psnr) else f'{psnr:.1f} dB'):>11}{mark}"
         )
