@@ -46,11 +46,19 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import AdapterSettings, attach, fmt, format_table, machine_info, parse_methods  # noqa: E402
+from benchmarks.common import AdapterSettings, attach, machine_info, parse_methods  # noqa: E402
 from benchmarks.convergence_stats import summarise  # noqa: E402
 from reslora_diffusers.annealing import DEFAULT_ANNEAL_FRACTION, shortcut_anneal_factor  # noqa: E402
+from reslora_diffusers.cli import exit_with_error  # noqa: E402
 from reslora_diffusers.emoji_data import load_split  # noqa: E402
-from reslora_diffusers.merge import MERGE_METHODS, alpha_statistics, baked_weights, image_psnr, is_exact, merge_adapter  # noqa: E402
+from reslora_diffusers.merge import (  # noqa: E402
+    MERGE_METHODS,
+    alpha_statistics,
+    baked_weights,
+    image_psnr,
+    is_exact,
+    merge_adapter,
+)
 
 DEFAULT_METHODS = "lora,lora+,is,ms,bs,ms+,is_anneal,ms_anneal,is_nokv,ms_nokv"
 FULL = dict(steps=1000, batch_size=64, seeds="0,1,2", eval_every=50, eval_draws=4, image_prompts=0, sample_steps=20, tag="merged_full")
@@ -147,7 +155,7 @@ def unet_weights_sha256(base: Path) -> str:
     """SHA-256 of the base UNet's weights file(s): which base a result was measured on."""
     files = sorted((base / "unet").glob("*.safetensors")) or sorted((base / "unet").glob("*.bin"))
     if not files:
-        raise SystemExit(f"error: no UNet weights under {base / 'unet'}")
+        exit_with_error(f"no UNet weights under {base / 'unet'}")
     digest = hashlib.sha256()
     for path in files:
         with open(path, "rb") as f:
@@ -557,7 +565,7 @@ def previous_runs(json_path: Path, rows_path: Path, args) -> tuple[list[dict], d
     old = json.loads(json_path.read_text())
     mismatch = [k for k in RESULT_SETTINGS if old["settings"].get(k) != getattr(args, k)]
     if mismatch:
-        raise SystemExit(f"error: --resume: {json_path} was written with other settings ({', '.join(mismatch)}); use another --tag")
+        exit_with_error(f"--resume: {json_path} was written with other settings ({', '.join(mismatch)}); use another --tag")
     keys = {m.key for m in args.methods}
     runs = [r for r in old["runs"] if r["method"] in keys and r["seed"] in args.seeds]
     rows = dict(np.load(rows_path)) if rows_path.is_file() else {}
