@@ -11,7 +11,7 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from reslora_diffusers import formats
 from reslora_diffusers.formats import (
@@ -83,7 +83,7 @@ def probe(pipe):
 
 
 def merged_reference(pipe, factors):
-    """The base pipeline with W += (alpha / rank) · up @ down written out here, independently of formats.py."""
+    """The base pipeline with W += (alpha / rank) · up @ down written out here, independently of the formats package."""
     merged = copy.deepcopy(pipe)
     with torch.no_grad():
         for key, f in factors.items():
@@ -224,7 +224,7 @@ def test_load_kohya_lora_round_trip(cases, tmp_path):
 
 def test_kohya_file_without_alpha_means_alpha_equals_rank(tmp_path):
     name = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k"
-    formats.save_file(
+    save_file(
         {f"{name}.lora_down.weight": torch.ones(3, 8), f"{name}.lora_up.weight": torch.ones(4, 3)},
         str(tmp_path / "old.safetensors"),
     )
@@ -380,7 +380,7 @@ def test_writes_are_atomic(cases, tmp_path, monkeypatch):
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(formats, "save_file", fail)
+    monkeypatch.setattr(formats.safetensors_files, "save_file", fail)
     with pytest.raises(OSError, match="disk full"):
         save_kohya_lora(factors, path, {})
     assert path.read_bytes() == before
@@ -464,10 +464,10 @@ def test_bad_kohya_names_raise(name, message):
 
 def test_bad_kohya_files_raise(tmp_path):
     name = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q"
-    formats.save_file({f"{name}.lora_down.weight": torch.ones(2, 8)}, str(tmp_path / "a.safetensors"))
+    save_file({f"{name}.lora_down.weight": torch.ones(2, 8)}, str(tmp_path / "a.safetensors"))
     with pytest.raises(ValueError, match="lacks lora_down.weight or lora_up.weight"):
         load_kohya_lora(tmp_path / "a.safetensors")
-    formats.save_file(
+    save_file(
         {
             f"{name}.lora_down.weight": torch.ones(2, 8),
             f"{name}.lora_up.weight": torch.ones(8, 2),
@@ -477,7 +477,7 @@ def test_bad_kohya_files_raise(tmp_path):
     )
     with pytest.raises(ValueError, match="not a plain LoRA tensor"):
         load_kohya_lora(tmp_path / "b.safetensors")
-    formats.save_file(
+    save_file(
         {f"{name}.lora_down.weight": torch.ones(2, 8, 1, 1), f"{name}.lora_up.weight": torch.ones(8, 2, 1, 1)},
         str(tmp_path / "c.safetensors"),
     )
