@@ -49,7 +49,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from reslora_diffusers import ResLoRAConfig, apply_reslora, save_adapter
 from reslora_diffusers.config import RES_TYPES
-from reslora_diffusers.formats import save_diffusers_lora, save_kohya_lora
+from reslora_diffusers.formats import kohya_model_configs, save_diffusers_lora, save_kohya_lora
 from reslora_diffusers.atomic import atomic_write, atomic_write_text, swap_in_folder
 from reslora_diffusers.cli import OneLineErrorParser, exit_with_error, first_line
 from reslora_diffusers.io import WEIGHTS_NAME, read_adapter
@@ -525,7 +525,9 @@ def export_merged(adapter, args, calibration) -> tuple[str, Path, Path]:
     }
     diffusers_file = save_diffusers_lora(result.factors, output_dir, metadata=metadata)
     name = re.sub(r"[^\w.-]+", "_", output_dir.resolve().name) or "reslora"
-    kohya_file = save_kohya_lora(result.factors, output_dir / "kohya" / f"{name}.safetensors", metadata)
+    kohya_file = save_kohya_lora(
+        result.factors, output_dir / "kohya" / f"{name}.safetensors", metadata, **kohya_model_configs(adapter)
+    )
     return result.method, Path(diffusers_file), Path(kohya_file)
 
 

@@ -154,11 +154,11 @@ def print_report(report: dict) -> None:
 
 
 def write_output(pipe, adapter, factors, args, metadata: dict[str, str]) -> Path:
-    from .formats import save_diffusers_lora, save_kohya_lora, save_single_file_checkpoint
+    from .formats import kohya_model_configs, save_diffusers_lora, save_kohya_lora, save_single_file_checkpoint
 
     output = Path(args.output)
     if args.format == "kohya":
-        return save_kohya_lora(factors, output, metadata)
+        return save_kohya_lora(factors, output, metadata, **kohya_model_configs(pipe))
     if args.format == "diffusers-lora":
         return atomic_write_folder(output, lambda folder: save_diffusers_lora(factors, folder, metadata))
     merge_into_base(adapter, factors)

@@ -6,17 +6,21 @@ module names), ``ldm_names`` (diffusers <-> LDM names), ``diffusers_lora``, ``ko
 """
 
 from .diffusers_lora import DIFFUSERS_LORA_WEIGHT_NAME, save_diffusers_lora
-from .key_names import COMPONENTS, canonical_key, kohya_name, kohya_name_to_key
-from .kohya_lora import load_kohya_lora, save_kohya_lora
+from .key_names import COMPONENTS, TEXT_COMPONENTS, canonical_key, is_sdxl_unet, kohya_name, kohya_name_to_key
+from .kohya_lora import kohya_base_model_version, kohya_model_configs, load_kohya_lora, save_kohya_lora
 from .ldm_names import ldm_path_to_unet, unet_path_to_ldm
 from .lora_factors import LoRAFactors, lora_delta
 from .single_file import save_single_file_checkpoint, single_file_state_dict
 
 __all__ = [
     "COMPONENTS",
+    "TEXT_COMPONENTS",
     "DIFFUSERS_LORA_WEIGHT_NAME",
     "LoRAFactors",
     "canonical_key",
+    "is_sdxl_unet",
+    "kohya_base_model_version",
+    "kohya_model_configs",
     "kohya_name",
     "kohya_name_to_key",
     "ldm_path_to_unet",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .key_names import CLIP_WRAPPER, COMPONENTS, canonical_factors
+from .key_names import CLIP_WRAPPER, COMPONENTS, TEXT_COMPONENTS, canonical_factors
 from .lora_factors import LoRAFactors
 from .safetensors_files import atomic_save, check_string_metadata
 
@@ -29,7 +29,7 @@ def save_diffusers_lora(
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, dict[str, int]] = {c: {} for c in COMPONENTS}
     for (component, path), f in canonical_factors(factors).items():
-        stored = (CLIP_WRAPPER + path) if component == "text_encoder" else path
+        stored = (CLIP_WRAPPER + path) if component in TEXT_COMPONENTS else path
         tensors[f"{component}.{stored}.lora_A.weight"] = f.down
         tensors[f"{component}.{stored}.lora_B.weight"] = (f.scale * f.up.float()).to(f.up.dtype)
         ranks[component][path] = f.rank

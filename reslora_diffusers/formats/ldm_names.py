@@ -1,15 +1,19 @@
-"""diffusers <-> LDM (single-file) names of the UNet and VAE, computed from their configs.
+"""diffusers <-> LDM (single-file) names of the UNet and VAE (SD-1.x / 2.x and SDXL), computed from their configs.
 
-The block numbering is that of ``diffusers.loaders.single_file_utils.convert_ldm_unet_checkpoint`` and
-ComfyUI ``comfy.utils.unet_to_diffusers``. diffusers ships only the LDM -> diffusers direction, and its
-converters read the LDM keys to find the block structure, so the inverse cannot be derived from them
-without already knowing the LDM names; the tests check this table against diffusers' converters instead.
+The fixed layers (``conv_in``, time / added-condition embeddings, ``conv_out``) come from diffusers' own
+table ``single_file_utils.DIFFUSERS_TO_LDM_MAPPING``. The numbered blocks follow the numbering of
+``single_file_utils.convert_ldm_unet_checkpoint`` / ``convert_ldm_vae_checkpoint`` and ComfyUI
+``comfy.utils.unet_to_diffusers``; diffusers ships only the LDM -> diffusers direction of those, and its
+converters find the block structure by reading the LDM keys, so they cannot produce LDM names that do not
+exist yet. The tests check every name here against diffusers' converters (``from_single_file``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 
 _UNET_RESNET_TO_LDM = {
     "norm1": "in_layers.0",
@@ -40,8 +44,14 @@ def config_get(config, name, default=None):
     return config.get(name, default) if isinstance(config, Mapping) else getattr(config, name, default)
 
 
+def _fixed_blocks(mapping: Mapping[str, str]) -> list[_Block]:
+    """Module-level blocks from one of diffusers' key-level tables (``conv_in.weight`` -> ``input_blocks.0.0.weight``)."""
+    pairs = {(d.rsplit(".", 1)[0], l.rsplit(".", 1)[0]) for d, l in mapping.items()}
+    return [_Block(d, l) for d, l in sorted(pairs)]
+
+
 def unet_blocks(config) -> list[_Block]:
-    """The diffusers <-> LDM block table of an SD-1.x-shaped UNet, with block counts from its config."""
+    """The diffusers <-> LDM block table of an SD-1.x / 2.x / SDXL-shaped UNet, with block counts from its config."""
     down_types = list(config_get(config, "down_block_types"))
     up_types = list(config_get(config, "up_block_types"))
     mid_type = config_get(config, "mid_block_type", "UNetMidBlock2DCrossAttn")
@@ -50,20 +60,29 @@ def unet_blocks(config) -> list[_Block]:
     if not (set(down_types) <= {"CrossAttnDownBlock2D", "DownBlock2D"}) or not (
         set(up_types) <= {"CrossAttnUpBlock2D", "UpBlock2D"}
     ):
-        raise ValueError(f"not an SD-1.x-shaped UNet: down blocks {down_types}, up blocks {up_types}")
+        raise ValueError(f"not an SD-1.x / SDXL-shaped UNet: down blocks {down_types}, up blocks {up_types}")
     if mid_type != "UNetMidBlock2DCrossAttn":
-        raise ValueError(f"not an SD-1.x-shaped UNet: mid block {mid_type!r}")
+        raise ValueError(f"not an SD-1.x / SDXL-shaped UNet: mid block {mid_type!r}")
     if len(up_types) != len(down_types) or len(layers) != len(down_types):
         raise ValueError(
             f"UNet config has {len(down_types)} down blocks, {len(up_types)} up blocks, layers_per_block {layers}"
         )
 
-    blocks = [
-        _Block("conv_in", "input_blocks.0.0"),
-        _Block("time_embedding.linear_1", "time_embed.0"),
-        _Block("time_embedding.linear_2", "time_embed.2"),
-        _Block("conv_norm_out", "out.0"),
-        _Block("conv_out", "out.2"),
+    unsupported = {
+        name: config_get(config, name)
+        for name in ("class_embed_type", "num_class_embeds")
+        if config_get(config, name) is not None
+    }
+    addition = config_get(config, "addition_embed_type")
+    if addition not in (None, "text_time"):
+        unsupported["addition_embed_type"] = addition
+    if unsupported:
+        raise ValueError(f"not an SD-1.x / SDXL-shaped UNet: {unsupported}")
+
+    blocks = _fixed_blocks(DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"])
+    if addition == "text_time":  # SDXL: the pooled-text / size embedding
+        blocks += _fixed_blocks(DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"])
+    blocks += [
         _Block("mid_block.resnets.0", "middle_block.0", _UNET_RESNET_TO_LDM),
         _Block("mid_block.attentions.0", "middle_block.1"),
         _Block("mid_block.resnets.1", "middle_block.2", _UNET_RESNET_TO_LDM),
@@ -97,12 +116,9 @@ def vae_blocks(config) -> list[_Block]:
     num_down = len(config_get(config, "down_block_types"))
     num_up = len(config_get(config, "up_block_types"))
     layers = config_get(config, "layers_per_block")
-    blocks = [_Block("quant_conv", "quant_conv"), _Block("post_quant_conv", "post_quant_conv")]
+    blocks = _fixed_blocks(DIFFUSERS_TO_LDM_MAPPING["vae"])  # conv_in / conv_out / norm_out, quant convs
     for part in ("encoder", "decoder"):
         blocks += [
-            _Block(f"{part}.conv_in", f"{part}.conv_in"),
-            _Block(f"{part}.conv_out", f"{part}.conv_out"),
-            _Block(f"{part}.conv_norm_out", f"{part}.norm_out"),
             _Block(f"{part}.mid_block.resnets.0", f"{part}.mid.block_1", _VAE_RESNET_TO_LDM),
             _Block(f"{part}.mid_block.resnets.1", f"{part}.mid.block_2", _VAE_RESNET_TO_LDM),
             _Block(f"{part}.mid_block.attentions.0", f"{part}.mid.attn_1", _VAE_ATTENTION_TO_LDM),
@@ -146,7 +162,7 @@ def translate(path: str, table: dict[str, tuple[str, Mapping[str, str] | None]],
             rest = parts[cut:]
             break
     else:
-        raise ValueError(f"{what} name {path!r} is not part of an SD-1.x-shaped model with this config")
+        raise ValueError(f"{what} name {path!r} is not part of an SD-1.x / SDXL-shaped model with this config")
     if renames is not None and rest:
         for width in (2, 1):
             if ".".join(rest[:width]) in renames:
