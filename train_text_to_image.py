@@ -498,6 +498,10 @@ def validation_pipeline(accelerator, args, unet, text_encoder, vae, tokenizer, n
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if sdxl is not None:
+        # The VAE may be kept fp32 (fp16 overflow) while the UNet's latents come out fp16, and the pipeline
+        # hands them to the VAE as they are (it casts only a VAE it upcasts itself): its first layer casts them.
+        first = vae.post_quant_conv if getattr(vae, "post_quant_conv", None) is not None else vae.decoder
+        first.register_forward_pre_hook(lambda module, args: (args[0].to(vae.dtype), *args[1:]))
         pipeline = StableDiffusionXLPipeline(
             vae=vae,
             text_encoder=accelerator.unwrap_model(text_encoder),
@@ -996,6 +1000,7 @@ def main(argv=None):
             validation_grids=grids,
             validation_prompts=list(args.validation_prompt),
             trained_text_encoder=args.train_text_encoder,
+            sdxl=sdxl is not None,
         )
         atomic_write_text(output_dir / "README.md", card)
         if args.push_to_hub:

@@ -21,7 +21,6 @@ from .processor import ResLoRAAttnProcessor
 from .sdxl import probe_added_conditions
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 DEFAULT_TEXT_LENGTH = 77
 
 
@@ -113,7 +112,8 @@ class ResLoRAAdapter:
         return {name: block.mean_input_norm() for name, block in self.blocks.items()}
 
     def __repr__(self) -> str:
-        counts = {c: sum(1 for _ in self.named_blocks(c)) for c in COMPONENTS if c != "text_encoder_2" or self.text_encoder_2 is not None}
+        shown = COMPONENTS if self.text_encoder_2 is not None else COMPONENTS[:2]  # SD-1.x: no second encoder
+        counts = {c: sum(1 for _ in self.named_blocks(c)) for c in shown}
         return f"ResLoRAAdapter(res_type={self.config.res_type!r}, rank={self.config.rank}, blocks={counts})"
 
     # -- state --------------------------------------------------------------------------------------
@@ -243,7 +243,11 @@ def apply_reslora(
     chains: dict[str, list[list[str]]] | None = None,
     text_encoder_2: nn.Module | None = None,
 ) -> ResLoRAAdapter:
-    """Freezes `unet` (and `text_encoder`), adds a ResLoRA block to every target projection, links the chains.
+    """Freezes `unet` (and the text encoders), adds a ResLoRA block to every target projection, links the chains.
+
+    For SDXL pass both encoders (`text_encoder`, a `CLIPTextModel`, and `text_encoder_2`, a
+    `CLIPTextModelWithProjection`); the UNet's probe pass then feeds its added conditions, and each
+    component gets its own chains.
 
     Chains come from one probe forward pass of each model; when `chains` is given (a saved adapter), the
     probe must agree with it, else `AdapterMismatchError`. Call this after moving the base to its device
