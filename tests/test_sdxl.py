@@ -217,3 +217,18 @@ def test_sdxl_kohya_needs_the_unet_config(sdxl_dir, tmp_path):
     with pytest.raises(ValueError, match="needs the UNet config"):
         save_kohya_lora(factors, tmp_path / "x.safetensors", {}, base_model_version="sdxl_base_v1-0")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_size_and_crop_conditioning_of_a_training_image():
+    """SDXL's micro-conditioning: original (h, w), the crop's (top, left) in the resized image, target size."""
+    from PIL import Image
+
+    from reslora_diffusers.sdxl import SDXLConditioning
+    from reslora_diffusers.training_data import ImageTransform
+
+    image = Image.new("RGB", (48, 40))  # width 48, height 40 -> resized to 38 x 32, centre crop 3 px from the left
+    pixels, original, crop = ImageTransform(32, center_crop=True, random_flip=False).with_geometry(image, torch.Generator())
+    assert pixels.shape == (3, 32, 32) and original == (40, 48) and crop == (0, 3)
+    added = SDXLConditioning.added_conditions(torch.zeros(2, 16), [original, (64, 64)], [crop, (0, 0)], 32)
+    assert added["time_ids"].tolist() == [[40, 48, 0, 3, 32, 32], [64, 64, 0, 0, 32, 32]]
+    assert added["text_embeds"].shape == (2, 16)
