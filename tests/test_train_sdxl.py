@@ -3,8 +3,6 @@ pooled embeddings and size / crop ids, fp16 with the VAE kept in fp32, checkpoin
 the exports loaded by `StableDiffusionXLPipeline`."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,15 +10,14 @@ from diffusers import StableDiffusionXLPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from test_train_script import ROOT, adapter, check, run, summary, write_imagefolder
-
-SCRIPT = ROOT / "scripts" / "make_tiny_sdxl.py"
+from test_train_script import adapter, check, run, summary, write_imagefolder
+from tiny_models import tiny_sdxl_pipeline
 
 
 @pytest.fixture(scope="module")
 def tiny_sdxl(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_sdxl")
-    check(subprocess.run([sys.executable, str(SCRIPT), str(root / "model")], capture_output=True, text=True, timeout=300))
+    tiny_sdxl_pipeline().save_pretrained(root / "model")  # what scripts/make_tiny_sdxl.py writes
     return {"model": root / "model", "data": write_imagefolder(root / "data", 6)}
 
 
