@@ -45,11 +45,11 @@ import transformers
 from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from reslora_diffusers import ResLoRAConfig, apply_reslora, save_adapter
 from reslora_diffusers.config import RES_TYPES
-from reslora_diffusers.formats import save_diffusers_lora, save_kohya_lora
+from reslora_diffusers.formats import kohya_model_configs, save_diffusers_lora, save_kohya_lora
 from reslora_diffusers.atomic import atomic_write, atomic_write_text, swap_in_folder
 from reslora_diffusers.cli import OneLineErrorParser, exit_with_error, first_line
 from reslora_diffusers.io import WEIGHTS_NAME, read_adapter
@@ -57,6 +57,7 @@ from reslora_diffusers.annealing import DEFAULT_ANNEAL_FRACTION, shortcut_anneal
 from reslora_diffusers.lora_plus import lora_plus_param_groups
 from reslora_diffusers.merge import MERGE_METHODS, merge_adapter
 from reslora_diffusers.model_card import model_card
+from reslora_diffusers.sdxl import SDXLConditioning
 from reslora_diffusers.training_data import (
     INTERPOLATION_MODES,
     DatasetError,
@@ -101,6 +102,13 @@ def parse_args(argv=None):
     )
     parser.add_argument("--revision", type=str, default=None, help="Revision of a Hub base model.")
     parser.add_argument("--variant", type=str, default=None, help="Variant of the base model's files, e.g. 'fp16'.")
+    parser.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        type=str,
+        default=None,
+        help="A VAE to use instead of the base's (e.g. madebyollin/sdxl-vae-fp16-fix). SDXL's own VAE gives NaNs in "
+        "fp16, so without this flag an SDXL base's VAE runs in fp32 under --mixed_precision fp16.",
+    )
     # Data
     parser.add_argument(
         "--dataset_name",
@@ -357,8 +365,12 @@ def _hub_id(name: str) -> bool:
 
 
 def load_base(args):
-    """(tokenizer, noise scheduler, text encoder, vae, unet) of a diffusers folder, Hub id or single file."""
-    from reslora_diffusers.pipeline_io import UserInputError, load_pipeline
+    """(tokenizer, noise scheduler, text encoder, vae, unet, sdxl) of a diffusers folder, Hub id or single file.
+
+    `sdxl` is None for SD-1.x / 2.x; for an SDXL base (detected from the model) it holds the second
+    tokenizer and text encoder.
+    """
+    from reslora_diffusers.pipeline_io import SDXL_PIPELINE, UserInputError, load_pipeline
 
     name = args.pretrained_model_name_or_path
     if Path(name).is_file():
@@ -367,17 +379,36 @@ def load_base(args):
         except UserInputError as error:
             exit_with_error(str(error))
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        return pipe.tokenizer, scheduler, pipe.text_encoder, pipe.vae, pipe.unet
+        sdxl = SDXLConditioning(pipe.tokenizer_2, pipe.text_encoder_2) if hasattr(pipe, "text_encoder_2") else None
+        return pipe.tokenizer, scheduler, pipe.text_encoder, load_vae(args, pipe.vae), pipe.unet, sdxl
     common = {"revision": args.revision, "cache_dir": args.cache_dir}
     try:
         tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **common)
         scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", **common)
         text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", variant=args.variant, **common)
-        vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=args.variant, **common)
+        vae = load_vae(args, None) or AutoencoderKL.from_pretrained(name, subfolder="vae", variant=args.variant, **common)
         unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", variant=args.variant, **common)
+        sdxl = None
+        if diffusers.DiffusionPipeline.load_config(name, **common).get("_class_name") == SDXL_PIPELINE:
+            sdxl = SDXLConditioning(
+                CLIPTokenizer.from_pretrained(name, subfolder="tokenizer_2", **common),
+                CLIPTextModelWithProjection.from_pretrained(name, subfolder="text_encoder_2", variant=args.variant, **common),
+            )
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
         exit_with_error(f"cannot load the Stable Diffusion model {name}: {first_line(error)}")
-    return tokenizer, scheduler, text_encoder, vae, unet
+    return tokenizer, scheduler, text_encoder, vae, unet, sdxl
+
+
+def load_vae(args, default):
+    """The VAE of --pretrained_vae_model_name_or_path (a folder holding the VAE, or a Hub id), else `default`."""
+    name = args.pretrained_vae_model_name_or_path
+    if name is None:
+        return default
+    subfolder = "vae" if (Path(name) / "vae").is_dir() else None  # a whole pipeline folder, or the VAE alone
+    try:
+        return AutoencoderKL.from_pretrained(name, subfolder=subfolder, revision=args.revision, cache_dir=args.cache_dir)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        exit_with_error(f"cannot load the VAE {name}: {first_line(error)}")
 
 
 def load_examples(args):
@@ -483,12 +514,28 @@ def image_grid(rows: list[list[Image.Image]]) -> Image.Image:
     return grid
 
 
-def validation_pipeline(accelerator, args, unet, text_encoder, vae, tokenizer, noise_scheduler):
+def validation_pipeline(accelerator, args, unet, text_encoder, vae, tokenizer, noise_scheduler, sdxl=None):
     """The base pipeline running through the live adapter (no copy), with a fast DPM-Solver sampler."""
     # Imported here, once transformers' logging is quiet: the pipeline module pulls in image processors that
     # warn about optional backends the training never uses.
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if sdxl is not None:
+        # The VAE may be kept fp32 (fp16 overflow) while the UNet's latents come out fp16, and the pipeline
+        # hands them to the VAE as they are (it casts only a VAE it upcasts itself): its first layer casts them.
+        first = vae.post_quant_conv if getattr(vae, "post_quant_conv", None) is not None else vae.decoder
+        first.register_forward_pre_hook(lambda module, args: (args[0].to(vae.dtype), *args[1:]))
+        pipeline = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=accelerator.unwrap_model(text_encoder),
+            text_encoder_2=accelerator.unwrap_model(sdxl.text_encoder_2),
+            tokenizer=tokenizer,
+            tokenizer_2=sdxl.tokenizer_2,
+            unet=accelerator.unwrap_model(unet),
+            scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
     pipeline = StableDiffusionPipeline(
         vae=vae,
         text_encoder=accelerator.unwrap_model(text_encoder),
@@ -548,7 +595,9 @@ def export_merged(adapter, args, calibration) -> tuple[str, Path, Path]:
     }
     diffusers_file = save_diffusers_lora(result.factors, output_dir, metadata=metadata)
     name = re.sub(r"[^\w.-]+", "_", output_dir.resolve().name) or "reslora"
-    kohya_file = save_kohya_lora(result.factors, output_dir / "kohya" / f"{name}.safetensors", metadata)
+    kohya_file = save_kohya_lora(
+        result.factors, output_dir / "kohya" / f"{name}.safetensors", metadata, **kohya_model_configs(adapter)
+    )
     return result.method, Path(diffusers_file), Path(kohya_file)
 
 
@@ -602,7 +651,8 @@ def main(argv=None):
     set_seed(args.seed, device_specific=True)
 
     # Load the tokenizer, noise scheduler and models.
-    tokenizer, noise_scheduler, text_encoder, vae, unet = load_base(args)
+    tokenizer, noise_scheduler, text_encoder, vae, unet, sdxl = load_base(args)
+    text_encoders = [text_encoder] if sdxl is None else [text_encoder, sdxl.text_encoder_2]
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
@@ -617,19 +667,31 @@ def main(argv=None):
     # weights move by small steps every update, which a 16-bit weight would round away: they stay fp32.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     base_dtype = torch.float32 if args.adapter_config.delta_lora else weight_dtype
+    # SDXL's VAE overflows to NaN in fp16 (diffusers' SDXL scripts keep it in fp32 unless a fixed VAE is given).
+    vae_dtype = weight_dtype
+    if sdxl is not None and weight_dtype == torch.float16 and args.pretrained_vae_model_name_or_path is None:
+        vae_dtype = torch.float32
+        logger.info("SDXL: the VAE runs in fp32 (its fp16 activations overflow); --pretrained_vae_model_name_or_path takes a fixed VAE")
     vae.requires_grad_(False)
-    vae.to(accelerator.device, dtype=weight_dtype)
+    vae.to(accelerator.device, dtype=vae_dtype)
     unet.to(accelerator.device, dtype=base_dtype)
-    text_encoder.to(accelerator.device, dtype=base_dtype)
+    for model in text_encoders:
+        model.to(accelerator.device, dtype=base_dtype)
+        model.requires_grad_(False)
 
-    # Add the adapter blocks (fp32) to the UNet attention projections (and the text encoder's); the base stays frozen.
-    text_encoder.requires_grad_(False)
-    adapter = apply_reslora(unet, args.adapter_config, text_encoder=text_encoder if args.train_text_encoder else None)
+    # Add the adapter blocks (fp32) to the UNet attention projections (and the text encoders'); the base stays frozen.
+    trained_encoders = {}
+    if args.train_text_encoder:
+        trained_encoders = {"text_encoder": text_encoder}
+        if sdxl is not None:
+            trained_encoders["text_encoder_2"] = sdxl.text_encoder_2
+    adapter = apply_reslora(unet, args.adapter_config, **trained_encoders)
     logger.info(f"{adapter}: {sum(p.numel() for p in adapter.trainable_parameters()):,} trainable parameters")
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+            for model in text_encoders:
+                model.gradient_checkpointing_enable()
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     if args.scale_lr:
@@ -657,7 +719,12 @@ def main(argv=None):
             truncation=True,
             return_tensors="pt",
         ).input_ids
-        return {"pixel_values": pixel_values, "input_ids": input_ids}
+        batch_out = {"pixel_values": pixel_values, "input_ids": input_ids}
+        if sdxl is not None:  # the second tokenizer and SDXL's size / crop conditioning
+            batch_out["input_ids_2"] = sdxl.tokenize([example["caption"] for example in batch])
+            batch_out["original_sizes"] = [example["original_size"] for example in batch]
+            batch_out["crop_top_lefts"] = [example["crop_top_left"] for example in batch]
+        return batch_out
 
     sampler = EpochShuffleSampler(len(train_dataset), args.seed)
     train_dataloader = torch.utils.data.DataLoader(
@@ -683,7 +750,12 @@ def main(argv=None):
     )
 
     # Prepare everything with our `accelerator` (DDP wraps the models whose adapter blocks are trained).
-    if args.train_text_encoder:
+    if args.train_text_encoder and sdxl is not None:
+        unet, text_encoder, sdxl.text_encoder_2, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+            unet, text_encoder, sdxl.text_encoder_2, optimizer, train_dataloader, lr_scheduler
+        )
+        text_encoders = [text_encoder, sdxl.text_encoder_2]
+    elif args.train_text_encoder:
         unet, text_encoder, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
             unet, text_encoder, optimizer, train_dataloader, lr_scheduler
         )
@@ -743,7 +815,7 @@ def main(argv=None):
     logger.info(f"  Total optimization steps = {args.max_train_steps}")
 
     validate = args.num_validation_images > 0 and bool(args.validation_prompt)
-    pipeline = validation_pipeline(accelerator, args, unet, text_encoder, vae, tokenizer, noise_scheduler)
+    pipeline = validation_pipeline(accelerator, args, unet, text_encoder, vae, tokenizer, noise_scheduler, sdxl)
     grids = []
     if validate and accelerator.is_main_process and global_step == 0:
         grids.append(log_validation(pipeline, accelerator, args, 0))  # the base model, for comparison
@@ -756,7 +828,7 @@ def main(argv=None):
         # Only show the progress bar once on each machine.
         disable=not accelerator.is_local_main_process,
     )
-    train_models = [unet, text_encoder] if args.train_text_encoder else [unet]
+    train_models = [unet, *text_encoders] if args.train_text_encoder else [unet]
     last_checkpoint = resume_from
     start_time, start_step = time.time(), global_step
     train_loss = 0.0
@@ -779,8 +851,8 @@ def main(argv=None):
                 with accelerator.accumulate(*train_models):
                     # Convert images to latent space
                     with torch.no_grad():
-                        latents = vae.encode(batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)).latent_dist.sample()
-                    latents = latents * vae.config.scaling_factor
+                        latents = vae.encode(batch["pixel_values"].to(accelerator.device, dtype=vae_dtype)).latent_dist.sample()
+                    latents = (latents * vae.config.scaling_factor).to(weight_dtype)
 
                     # Sample noise that we'll add to the latents
                     noise = torch.randn_like(latents)
@@ -796,8 +868,16 @@ def main(argv=None):
                     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
 
                     # Get the text embedding for conditioning
+                    added_cond_kwargs = None
                     with torch.set_grad_enabled(args.train_text_encoder):
-                        encoder_hidden_states = text_encoder(batch["input_ids"].to(accelerator.device), return_dict=False)[0]
+                        input_ids = batch["input_ids"].to(accelerator.device)
+                        if sdxl is None:
+                            encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
+                        else:  # both encoders' penultimate states, the pooled embedding and size / crop ids
+                            encoder_hidden_states, pooled = sdxl.encode(text_encoder, input_ids, batch["input_ids_2"].to(accelerator.device))
+                            added_cond_kwargs = sdxl.added_conditions(
+                                pooled, batch["original_sizes"], batch["crop_top_lefts"], args.resolution
+                            )
 
                     # Get the target for loss depending on the prediction type
                     if noise_scheduler.config.prediction_type == "epsilon":
@@ -806,7 +886,9 @@ def main(argv=None):
                         target = noise_scheduler.get_velocity(latents, noise, timesteps)
 
                     # Predict the noise residual (or velocity) and compute the loss
-                    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+                    model_pred = unet(
+                        noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs, return_dict=False
+                    )[0]
                     if args.snr_gamma is None:
                         loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
                     else:
@@ -945,6 +1027,7 @@ def main(argv=None):
             validation_grids=grids,
             validation_prompts=list(args.validation_prompt),
             trained_text_encoder=args.train_text_encoder,
+            sdxl=sdxl is not None,
         )
         atomic_write_text(output_dir / "README.md", card)
         if args.push_to_hub:

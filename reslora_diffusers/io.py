@@ -19,6 +19,7 @@ from torch import nn
 from .adapter import AdapterMismatchError, ResLoRAAdapter, apply_reslora
 from .atomic import atomic_write, atomic_write_text
 from .config import ResLoRAConfig
+from .sdxl import is_sdxl_unet
 
 WEIGHTS_NAME = "reslora_adapter.safetensors"
 CONFIG_NAME = "reslora_config.json"
@@ -31,6 +32,7 @@ def adapter_metadata(adapter: ResLoRAAdapter) -> dict[str, Any]:
         "format": "reslora_diffusers",
         "format_version": FORMAT_VERSION,
         "config": adapter.config.to_dict(),
+        "base_family": base_family(adapter.unet),
         "chains": adapter.chains,
         "layers": {name: layer.to_dict() for name, layer in adapter.layers.items()},
         "input_norm_means": adapter.input_norm_means(),
@@ -38,6 +40,25 @@ def adapter_metadata(adapter: ResLoRAAdapter) -> dict[str, Any]:
         "shortcut_scale": adapter.shortcut_scale,
         "delta_lora_started": bool(adapter.delta_lora and adapter.delta_lora.started),
     }
+
+
+def base_family(unet: nn.Module) -> str:
+    """"sdxl" for a UNet with SDXL's added conditions, else "sd" (Stable Diffusion 1.x / 2.x)."""
+    return "sdxl" if is_sdxl_unet(unet.config) else "sd"
+
+
+_FAMILY_NAMES = {"sdxl": "SDXL", "sd": "Stable Diffusion 1.x / 2.x"}
+
+
+def check_base_family(metadata: dict[str, Any], unet: nn.Module) -> None:
+    """Refuses an SD-1.x / 2.x adapter on an SDXL UNet and vice versa, naming both."""
+    saved = metadata.get("base_family") or ("sdxl" if "text_encoder_2" in metadata.get("chains", {}) else "sd")
+    here = base_family(unet)
+    if saved != here:
+        raise AdapterMismatchError(
+            f"this adapter was trained on {_FAMILY_NAMES.get(saved, saved)}, but the UNet given is "
+            f"{_FAMILY_NAMES[here]}: load it onto the kind of base it was trained on"
+        )
 
 
 def save_adapter(adapter: ResLoRAAdapter, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
@@ -77,19 +98,26 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str
 
 
 def load_adapter(
-    unet: nn.Module, directory: str | os.PathLike, text_encoder: nn.Module | None = None
+    unet: nn.Module,
+    directory: str | os.PathLike,
+    text_encoder: nn.Module | None = None,
+    text_encoder_2: nn.Module | None = None,
 ) -> ResLoRAAdapter:
     """Restores a saved adapter onto a fresh base model; refuses an adapter whose layers or chains don't fit.
 
-    A `text_encoder` is needed exactly when the adapter has text-encoder blocks; one passed for an adapter
-    without them is left untouched.
+    A `text_encoder` (SDXL: and `text_encoder_2`) is needed exactly when the adapter has blocks there; one
+    passed for an adapter without them is left untouched. An SDXL adapter on an SD-1.x / 2.x UNet, or the
+    reverse, is refused by name.
     """
     metadata, tensors = read_adapter(directory)
+    check_base_family(metadata, unet)
     config = ResLoRAConfig.from_dict(metadata["config"])
     chains = metadata["chains"]
     if "text_encoder" not in chains:
         text_encoder = None
-    adapter = apply_reslora(unet, config, text_encoder=text_encoder, chains=chains)
+    if "text_encoder_2" not in chains:
+        text_encoder_2 = None
+    adapter = apply_reslora(unet, config, text_encoder=text_encoder, chains=chains, text_encoder_2=text_encoder_2)
     try:
         adapter.load_state_dict(tensors)
         adapter.set_shortcut_scale(float(metadata.get("shortcut_scale", 1.0)))

@@ -86,19 +86,24 @@ def _generate(pipe, prompts, args):
     return pipe(list(prompts), num_inference_steps=args.num_inference_steps, generator=generator).images
 
 
-def _outputs(pipe, unet_calls, token_ids):
+TEXT_ENCODERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}  # SDXL has both
+
+
+def _outputs(pipe, unet_calls, token_ids: dict):
     with torch.no_grad():
         unet = [pipe.unet(*a, **k)[0] for a, k in unet_calls]
-        text = pipe.text_encoder(token_ids).last_hidden_state if token_ids is not None else None
+        text = {name: getattr(pipe, name)(ids).last_hidden_state for name, ids in token_ids.items()}
     return unet, text
 
 
 def fidelity_report(pipe, adapter, args) -> tuple[dict, dict]:
     """Merges with every applicable method, measures each one, and returns (report, the chosen MergeResult)."""
     prompts = args.calibration_prompts
-    token_ids = None
-    if any(name.startswith("text_encoder.") for name in adapter.blocks):
-        token_ids = pipe.tokenizer(list(prompts), padding="max_length", truncation=True, return_tensors="pt").input_ids
+    token_ids = {}
+    for encoder, tokenizer in TEXT_ENCODERS.items():
+        if any(name.startswith(encoder + ".") for name in adapter.blocks):
+            tokenize = getattr(pipe, tokenizer)
+            token_ids[encoder] = tokenize(list(prompts), padding="max_length", truncation=True, return_tensors="pt").input_ids
 
     recorder = _UNetCallRecorder(pipe.unet)
     try:
@@ -126,8 +131,8 @@ def fidelity_report(pipe, adapter, args) -> tuple[dict, dict]:
             merged_unet, merged_text = _outputs(pipe, unet_calls, token_ids)
             merged_images = _generate(pipe, prompts[:2], args) if not args.skip_images else None
         entry["unet_relative_error"] = max(relative_error(m, r) for m, r in zip(merged_unet, reference_unet))
-        if reference_text is not None:
-            entry["text_encoder_relative_error"] = relative_error(merged_text, reference_text)
+        for encoder, reference in reference_text.items():
+            entry[f"{encoder}_relative_error"] = relative_error(merged_text[encoder], reference)
         if reference_images is not None:
             entry["image_psnr_db"] = min(image_psnr(m, r) for m, r in zip(merged_images, reference_images))
         report["methods"][method] = entry
@@ -143,7 +148,8 @@ def print_report(report: dict) -> None:
     for method, entry in report["methods"].items():
         alpha = entry["alpha"]
         alpha_text = f"{alpha['mean']:.3f} [{alpha['min']:.3f}, {alpha['max']:.3f}]" if alpha["count"] else "-"
-        text_error = entry.get("text_encoder_relative_error")
+        text_errors = [entry[f"{e}_relative_error"] for e in TEXT_ENCODERS if f"{e}_relative_error" in entry]
+        text_error = max(text_errors) if text_errors else None  # SDXL: the worse of its two encoders
         psnr = entry.get("image_psnr_db")
         mark = " *" if method == report["chosen"] else ""
         print(
@@ -154,11 +160,11 @@ def print_report(report: dict) -> None:
 
 
 def write_output(pipe, adapter, factors, args, metadata: dict[str, str]) -> Path:
-    from .formats import save_diffusers_lora, save_kohya_lora, save_single_file_checkpoint
+    from .formats import kohya_model_configs, save_diffusers_lora, save_kohya_lora, save_single_file_checkpoint
 
     output = Path(args.output)
     if args.format == "kohya":
-        return save_kohya_lora(factors, output, metadata)
+        return save_kohya_lora(factors, output, metadata, **kohya_model_configs(pipe))
     if args.format == "diffusers-lora":
         return atomic_write_folder(output, lambda folder: save_diffusers_lora(factors, folder, metadata))
     merge_into_base(adapter, factors)
@@ -172,7 +178,9 @@ def write_output(pipe, adapter, factors, args, metadata: dict[str, str]) -> Path
 def run(args: argparse.Namespace) -> dict:
     pipe = load_pipeline(args.base, args.base_config)
     pipe.set_progress_bar_config(disable=True)
-    adapter = load_adapter(pipe.unet, args.adapter, text_encoder=pipe.text_encoder)
+    adapter = load_adapter(
+        pipe.unet, args.adapter, text_encoder=pipe.text_encoder, text_encoder_2=getattr(pipe, "text_encoder_2", None)
+    )
     print(f"loaded {adapter} from {args.adapter}")
     report, result = fidelity_report(pipe, adapter, args)
     factors = result.factors

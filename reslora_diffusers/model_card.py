@@ -38,6 +38,7 @@ def model_card(
     validation_grids: list[Path],
     validation_prompts: list[str],
     trained_text_encoder: bool,
+    sdxl: bool = False,
 ) -> str:
     """The card's Markdown: what was trained on what, with which settings, and how to load each file."""
     kohya = _relative(kohya_file, output_dir)
@@ -49,6 +50,10 @@ def model_card(
         f"with the `{merge_method}` method (ResLoRA, arXiv 2402.18039)"
     )
     text_encoder_note = "UNet and CLIP text encoder" if trained_text_encoder else "UNet"
+    if sdxl and trained_text_encoder:
+        text_encoder_note = "UNet and both CLIP text encoders"
+    pipeline_class = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+    encoders = ", text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2)" if sdxl else ", text_encoder=pipe.text_encoder)"
     lines = [
         "---",
         f"base_model: {base_model}",
@@ -89,7 +94,7 @@ def model_card(
         "|---|---|---|",
         "| `reslora_adapter.safetensors` + `reslora_config.json` | the native adapter (unmerged, with its chains) | `reslora_diffusers.load_adapter`, further training, `python -m reslora_diffusers.merge` |",
         "| `pytorch_lora_weights.safetensors` | merged plain LoRA, diffusers / PEFT keys | `pipe.load_lora_weights` |",
-        f"| `{kohya}` | merged plain LoRA, kohya keys with each module's real alpha | AUTOMATIC1111, ComfyUI, kohya sd-scripts |",
+        f"| `{kohya}` | merged plain LoRA, kohya keys; one alpha, each module's own scale folded into its lora_up | AUTOMATIC1111, ComfyUI, kohya sd-scripts |",
         "| `validation/` | validation image grids | |",
         "| `metrics.jsonl`, `logs/` | loss, learning rate and speed per step; TensorBoard logs | `tensorboard --logdir logs` |",
         "",
@@ -102,9 +107,9 @@ def model_card(
         "diffusers (merged LoRA):",
         "",
         "```python",
-        "from diffusers import StableDiffusionPipeline",
+        f"from diffusers import {pipeline_class}",
         "",
-        f'pipe = StableDiffusionPipeline.from_pretrained("{base_model}")',
+        f'pipe = {pipeline_class}.from_pretrained("{base_model}")',
         f'pipe.load_lora_weights("{output_dir.as_posix()}")',
         f'image = pipe("{validation_prompts[0] if validation_prompts else "a photo"}").images[0]',
         "```",
@@ -112,12 +117,12 @@ def model_card(
         "diffusers (native adapter, exactly as trained):",
         "",
         "```python",
-        "from diffusers import StableDiffusionPipeline",
+        f"from diffusers import {pipeline_class}",
         "from reslora_diffusers import load_adapter",
         "",
-        f'pipe = StableDiffusionPipeline.from_pretrained("{base_model}")',
+        f'pipe = {pipeline_class}.from_pretrained("{base_model}")',
         f'adapter = load_adapter(pipe.unet, "{output_dir.as_posix()}"'
-        + (", text_encoder=pipe.text_encoder)" if trained_text_encoder else ")"),
+        + (encoders if trained_text_encoder else ")"),
         f'image = pipe("{validation_prompts[0] if validation_prompts else "a photo"}").images[0]',
         "```",
         "",

@@ -171,7 +171,13 @@ class ImageTransform:
         self.interpolation = INTERPOLATION_MODES[interpolation]
 
     def __call__(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
+        return self.with_geometry(image, generator)[0]
+
+    def with_geometry(self, image: Image.Image, generator: torch.Generator) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """The pixels, the original (height, width) and the crop's (top, left) in the resized image: SDXL's
+        size and crop conditioning (a flipped image's crop is measured in the flipped image)."""
         image = image.convert("RGB")
+        original_size = (image.height, image.width)
         scale = self.resolution / min(image.size)
         size = (max(self.resolution, round(image.width * scale)), max(self.resolution, round(image.height * scale)))
         if size != image.size:
@@ -185,12 +191,14 @@ class ImageTransform:
         image = image.crop((left, top, left + self.resolution, top + self.resolution))
         if self.random_flip and torch.rand((), generator=generator) < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            left = spare_x - left
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
-        return pixels / 127.5 - 1.0
+        return pixels / 127.5 - 1.0, original_size, (top, left)
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
-    """Yields {"pixel_values": 3×R×R in [-1, 1], "caption": str}; an image with several captions gets a random one.
+    """Yields {"pixel_values": 3×R×R in [-1, 1], "caption": str, "original_size", "crop_top_left"}; an image with
+    several captions gets a random one.
 
     The random crop, flip and caption of an example depend only on (seed, epoch, index), never on a global
     generator: data loaders fetch ahead, so a resumed run would otherwise draw them in another order.
@@ -210,16 +218,16 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
         generator = torch.Generator().manual_seed(seed)
         if isinstance(example.image, Image.Image):
-            pixel_values = self.transform(example.image, generator)
+            pixel_values, original_size, crop_top_left = self.transform.with_geometry(example.image, generator)
         else:
             try:
                 with Image.open(example.image) as image:
-                    pixel_values = self.transform(image, generator)
+                    pixel_values, original_size, crop_top_left = self.transform.with_geometry(image, generator)
             except (OSError, UnidentifiedImageError, ValueError) as error:
                 raise DatasetError(f"image {example.image} became unreadable during training: {error}") from None
         captions = example.captions
         caption = captions[int(torch.randint(len(captions), (), generator=generator))] if len(captions) > 1 else captions[0]
-        return {"pixel_values": pixel_values, "caption": caption}
+        return {"pixel_values": pixel_values, "caption": caption, "original_size": original_size, "crop_top_left": crop_top_left}
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler[int]):
