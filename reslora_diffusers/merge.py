@@ -19,9 +19,8 @@ import torch
 
 from .adapter import ResLoRAAdapter
 from .blocks import ResLoRABlock
+from .config import MERGE_METHODS
 from .formats import LoRAFactors, lora_delta
-
-MERGE_METHODS = ("input", "weight", "lstsq")
 
 Alphas = dict[str, list[float]]  # block name -> [α*_{n,1}, …, α*_{n,m}], one per linked earlier block
 
