@@ -98,6 +98,7 @@ class _ShortcutStatistics:
         self.square = {name: [0.0] * len(b.previous) for name, b in _shortcut_blocks(adapter)}
         self.target_square = {name: [0.0] * len(b.previous) for name, b in _shortcut_blocks(adapter)}
         self.inputs: dict[str, torch.Tensor] = {}
+        self.reached: set[str] = set()  # shortcut blocks the calibration ran through
 
     def hook(self, name: str, block: ResLoRABlock):
         def record(_module, args):
@@ -105,6 +106,7 @@ class _ShortcutStatistics:
             self.inputs[name] = x
             if name not in self.cross:
                 return
+            self.reached.add(name)
             up = block.lora_B.detach().float()
             for k, previous in enumerate(block.previous):
                 down = (previous if block.res_type == "ms" else block).lora_A.detach().float()
@@ -144,7 +146,8 @@ def collect_shortcut_statistics(adapter: ResLoRAAdapter, calibration: Callable[[
         for handle in handles:
             handle.remove()
         stats.inputs.clear()
-    if not any(sum(v) for v in stats.square.values()) and stats.square:
+    # (Reached blocks whose branch is still zero, as before the first update, are fine: any α is exact there.)
+    if stats.square and not stats.reached:
         raise ValueError("the calibration run never reached the adapter's shortcut blocks")
     return stats
 
