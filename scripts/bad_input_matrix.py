@@ -40,8 +40,8 @@ def load_training_script():
     return module
 
 
-def answer(call, argv: list[str], tmp: Path) -> tuple[int, str]:
-    """(exit code, the `error:` line or else the last line printed) of one command."""
+def answer(call, argv: list[str], tmp: Path, marker: str = "") -> tuple[int, str]:
+    """(exit code, the `error:` line, or else the last line printed that contains `marker`) of one command."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
@@ -49,7 +49,7 @@ def answer(call, argv: list[str], tmp: Path) -> tuple[int, str]:
         except SystemExit as exit_info:
             code = exit_info.code
     errors = [line for line in err.getvalue().splitlines() if line.startswith("error:")]
-    printed = [line for line in out.getvalue().splitlines() if line.strip()]
+    printed = [line for line in out.getvalue().splitlines() if line.strip() and marker in line]
     text = errors[0] if errors else (printed[-1] if printed else "")
     return code, text.replace(str(tmp), "<tmp>").replace(str(ROOT) + "/", "")
 
@@ -125,7 +125,10 @@ def merge_cases(tmp: Path, adapter: Path) -> dict[str, list[str]]:
         "kohya output not ending in `.safetensors`": [*common, "--adapter", str(adapter), "--output", str(tmp / "x.pt")],
         "output that exists, without `--overwrite`": [*common, "--adapter", str(adapter), "--output", str(existing)],
         "`--export_rank 0`": [*common, "--adapter", str(adapter), *out, "--export_rank", "0"],
-        "`--export_rank 100000` (above the merged rank)": [*common, "--adapter", str(adapter), *out, "--export_rank", "100000", "--overwrite"],
+        "`--export_rank 100000` (above the merged rank)": (
+            [*common, "--adapter", str(adapter), *out, "--export_rank", "100000", "--overwrite"],
+            "--export_rank",
+        ),
         "`--threads 0`": [*common, "--adapter", str(adapter), *out, "--threads", "0"],
     }
 
@@ -157,7 +160,8 @@ def main() -> int:
             rows.append(("train_text_to_image.py", case, *answer(script.main, argv, tmp)))
             print(f"[{time.perf_counter() - start:6.1f} s] train: {case}", file=sys.stderr)
         for case, argv in merge_cases(tmp, used).items():
-            rows.append(("reslora_diffusers.merge", case, *answer(merge_main, argv, tmp)))
+            argv, marker = argv if isinstance(argv, tuple) else (argv, "")
+            rows.append(("reslora_diffusers.merge", case, *answer(merge_main, argv, tmp, marker)))
             print(f"[{time.perf_counter() - start:6.1f} s] merge: {case}", file=sys.stderr)
     text = table(rows)
     print(text)

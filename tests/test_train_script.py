@@ -380,7 +380,7 @@ BAD_INPUT = {
     "pipeline folder lacking a unet": (lambda t, tmp: ["--pretrained_model_name_or_path", str(_unet_less(t, tmp))], "it lacks unet"),
     "missing data folder": (lambda t, tmp: ["--train_data_dir", str(_bad_data(tmp, "missing"))], "training data folder not found"),
     "empty data set": (lambda t, tmp: ["--train_data_dir", str(_bad_data(tmp, "empty"))], "the training data set is empty"),
-    "unreadable metadata": (lambda t, tmp: ["--train_data_dir", str(_bad_data(tmp, "invalid_json"))], "line 2 is not valid JSON: Expecting value at column 15"),
+    "unreadable metadata": (lambda t, tmp: ["--train_data_dir", str(_bad_data(tmp, "invalid_json"))], "line 2 is not valid JSON: Expecting value (column 15)"),
     "images without captions": (lambda t, tmp: ["--train_data_dir", str(_bad_data(tmp, "no_metadata"))], "has no metadata.jsonl"),
     "only corrupt images": (lambda t, tmp: ["--train_data_dir", str(_bad_data(tmp, "all_corrupt"))], "no readable image"),
     "missing caption column": (
