@@ -29,7 +29,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -793,6 +792,7 @@ def main(argv=None):
                 f"Nothing left to train: {resume_from} is at step {global_step} and --max_train_steps is {args.max_train_steps}; "
                 f"the outputs in {output_dir} are left as they are (raise --max_train_steps to train on)."
             )
+            unet = text_encoder = None  # their DDP wrappers hold the process group; shut_down frees it in order
             shut_down(accelerator)
             return
     elif args.resume_from_checkpoint == "latest":
@@ -952,6 +952,7 @@ def main(argv=None):
     except (TrainingStopped, DatasetError) as stop:
         kept = f"the last finite checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
         progress_bar.close()
+        unet = text_encoder = train_models = None  # as at the end of a run: the DDP wrappers go before the process group
         shut_down(accelerator)
         exit_with_error(f"{stop}; {kept}", code=1)
     progress_bar.close()
