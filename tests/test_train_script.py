@@ -167,6 +167,10 @@ def test_default_run_writes_every_output(tmp_path):
     card = (out / "README.md").read_text()
     for needle in ("tiny-emoji-sd", "ResLoRA", "load_lora_weights", "ComfyUI", "AUTOMATIC1111", kohya_file.name, "step-000003.png"):
         assert needle in card
+    # Paths relative to the card's folder (it can be moved or uploaded), and the merge method the export used.
+    assert str(tmp_path) not in card and "load_lora_weights(\".\")" in card
+    assert f'from_pretrained("{os.path.relpath(ROOT / "assets" / "tiny-emoji-sd", out)}")' in card
+    assert summary(out)["merge"] == "lstsq" and "`lstsq` method" in card
     assert (out / "checkpoint-2" / "reslora_checkpoint.json").is_file() and (out / "checkpoint-3").is_dir()
     for label in ("native adapter", "diffusers LoRA", "kohya", "model card", "validation grids", "metrics", "tensorboard"):
         assert label in result.stdout
