@@ -22,6 +22,7 @@ Data parallel (DDP) through accelerate; every process trains on its own share of
     CPU processes (gloo):  ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train_text_to_image.py
 """
 
+import gc
 import json
 import logging
 import math
@@ -31,45 +32,12 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
-from PIL import Image
-from tqdm.auto import tqdm
-
-import diffusers
-import transformers
-from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import compute_snr
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-from reslora_diffusers import ResLoRAConfig, apply_reslora, save_adapter
-from reslora_diffusers.config import RES_TYPES
-from reslora_diffusers.formats import kohya_model_configs, save_diffusers_lora, save_kohya_lora
-from reslora_diffusers.atomic import atomic_write, atomic_write_text, swap_in_folder
-from reslora_diffusers.cli import OneLineErrorParser, exit_with_error, first_line
-from reslora_diffusers.io import WEIGHTS_NAME, read_adapter
-from reslora_diffusers.annealing import DEFAULT_ANNEAL_FRACTION, shortcut_anneal_factor
-from reslora_diffusers.lora_plus import lora_plus_param_groups
-from reslora_diffusers.merge import MERGE_METHODS, merge_adapter
-from reslora_diffusers.model_card import model_card
-from reslora_diffusers.sdxl import SDXLConditioning
-from reslora_diffusers.training_data import (
-    INTERPOLATION_MODES,
-    DatasetError,
-    EpochShuffleSampler,
-    ImageCaptionDataset,
-    ImageTransform,
-    load_hub_dataset,
-    load_imagefolder,
-    subset,
-)
-
-logger = get_logger(__name__, log_level="INFO")
+# Light imports only up to the heavy-import block below: the command line is checked first.
+from reslora_diffusers.cli import OneLineErrorParser, add_threads_argument, exit_with_error, first_line, set_threads
+from reslora_diffusers.config import MERGE_METHODS, RES_TYPES, ResLoRAConfig
+from reslora_diffusers.pipeline_io import hub_access_error
+from reslora_diffusers.run_safety import ownership_error, resume_error, run_settings
+from reslora_diffusers.training_data import INTERPOLATION_MODES
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "assets" / "tiny-emoji-sd"
@@ -78,10 +46,7 @@ DEFAULT_PROMPTS = ["fish", "french fries", "red apple", "grinning face"]
 CHECKPOINT_MARKER = "reslora_checkpoint.json"
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
 PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-
-
-class TrainingStopped(Exception):
-    """Training cannot go on (a non-finite loss, data that broke mid-run); the message says why and what is kept."""
+FLOAT32_MAX = 3.4028234663852886e38  # the optimizer applies the learning rate as a float32
 
 
 def parse_args(argv=None):
@@ -171,6 +136,11 @@ def parse_args(argv=None):
         help="Where the adapter, exports, validation images, logs and checkpoints are written.",
     )
     parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Replace another run's checkpoints and outputs in --output_dir (without it, a new run there is refused).",
+    )
+    parser.add_argument(
         "--logging_dir", type=str, default="logs", help="TensorBoard log folder, relative to --output_dir."
     )
     parser.add_argument(
@@ -238,6 +208,13 @@ def parse_args(argv=None):
         help="Accepted for compatibility; ResLoRA's attention processors always use PyTorch scaled_dot_product_attention.",
     )
     parser.add_argument("--local_rank", type=int, default=-1, help="Set by the distributed launcher.")
+    add_threads_argument(
+        parser,
+        default=None,
+        help="torch CPU threads per process. Default: OMP_NUM_THREADS when set, else 1 on CPU (the small matrices of a "
+        "LoRA step gain little from more, and on a busy machine extra threads wait on each other: 4x slower measured "
+        "on 2 cores); the GPU's default otherwise.",
+    )
     # Checkpoints
     parser.add_argument(
         "--checkpointing_steps", type=int, default=100, help="Save a resumable checkpoint every X optimizer steps."
@@ -277,9 +254,11 @@ def parse_args(argv=None):
     parser.add_argument(
         "--merge_method",
         type=str,
-        default="input",
+        default="lstsq",
         choices=MERGE_METHODS,
-        help="How 'is' / 'ms' shortcuts are folded into the exported plain-LoRA files (exact for none / bs / Delta-LoRA).",
+        help="How 'is' / 'ms' shortcuts are folded into the exported plain-LoRA files (exact for none / bs / Delta-LoRA); "
+        "lstsq fits α to the unmerged model's outputs on the validation prompts (least squares), so it has the lowest "
+        "merge error there; `python -m reslora_diffusers.merge` measures all three.",
     )
 
     args = parser.parse_args(argv)
@@ -301,13 +280,18 @@ def parse_args(argv=None):
             parser.error(f"--{name} must be > 0, got {value}")
     if args.rank <= 0:
         parser.error(f"--rank must be > 0, got {args.rank}")
-    if args.learning_rate <= 0:
-        parser.error(f"--learning_rate must be > 0, got {args.learning_rate}")
+    if not 0 < args.learning_rate <= FLOAT32_MAX:
+        parser.error(f"--learning_rate must be > 0 and fit a float32 (<= 3.4e38), got {args.learning_rate}")
+    if args.pre_num == 0 and args.res_type != "none":
+        parser.error(f"--pre_num 0 links no earlier block, so --res_type {args.res_type} would train plain LoRA; "
+                     "pass --pre_num -1 (all) or >= 1, or --res_type none")
     for name in ("num_validation_images", "lr_warmup_steps", "noise_offset", "max_grad_norm", "dataloader_num_workers"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         parser.error(f"--snr_gamma must be > 0, got {args.snr_gamma}")
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        parser.error("--overwrite_output_dir starts a new run, --resume_from_checkpoint continues one: pass one of them")
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)
     if args.shortcut_anneal_fraction is None:  # is / ms merge only approximately: end them as plain LoRA (README)
@@ -362,6 +346,105 @@ def check_base(args) -> None:
 
 def _hub_id(name: str) -> bool:
     return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.startswith((".", "/"))
+
+
+def preflight(args) -> None:
+    """Every check that needs no model: the base path, the output folder's owner, the resume's settings, the network."""
+    check_base(args)
+    resume_from = find_resume_checkpoint(args) if args.resume_from_checkpoint else None
+    # `--resume_from_checkpoint latest` without a checkpoint starts a new run, which must not mix with another.
+    error = ownership_error(Path(args.output_dir), resuming=resume_from is not None, overwrite=args.overwrite_output_dir)
+    if error:
+        exit_with_error(error)
+    if resume_from is not None:
+        error = resume_error(resume_from, CHECKPOINT_MARKER, run_settings(args))
+        if error:
+            exit_with_error(error)
+    for name in (args.pretrained_model_name_or_path, args.base_config):
+        if name is not None and not Path(name).exists() and _hub_id(name):
+            error = hub_access_error(name, revision=args.revision, cache_dir=args.cache_dir)
+            if error:
+                exit_with_error(error)
+
+
+def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint, oldest first. Folders still being written have another name."""
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for child in output_dir.iterdir():
+        match = CHECKPOINT_PATTERN.fullmatch(child.name)
+        if match and (child / CHECKPOINT_MARKER).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def find_resume_checkpoint(args) -> Path | None:
+    output_dir = Path(args.output_dir)
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = complete_checkpoints(output_dir)
+        return checkpoints[-1][1] if checkpoints else None
+    path = Path(args.resume_from_checkpoint)
+    if not path.exists():
+        path = output_dir / path.name
+    if not (path / CHECKPOINT_MARKER).is_file():
+        exit_with_error(f"{args.resume_from_checkpoint} is not a complete checkpoint of this script (no {CHECKPOINT_MARKER})")
+    return path
+
+
+if __name__ == "__main__":
+    # Bad input fails here, in seconds, before the imports below (diffusers, transformers, accelerate take
+    # 10-90 s on a busy machine); main() repeats these cheap checks for callers that import this file.
+    preflight(parse_args())
+
+# -- the heavy imports ------------------------------------------------------------------------------------------
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from accelerate.logging import get_logger  # noqa: E402
+from accelerate.utils import ProjectConfiguration, set_seed  # noqa: E402
+from PIL import Image  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+import diffusers  # noqa: E402
+import transformers  # noqa: E402
+from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel  # noqa: E402
+from diffusers.optimization import get_scheduler  # noqa: E402
+from diffusers.training_utils import compute_snr  # noqa: E402
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
+
+from reslora_diffusers import apply_reslora, save_adapter  # noqa: E402
+from reslora_diffusers.formats import kohya_model_configs, save_diffusers_lora, save_kohya_lora  # noqa: E402
+from reslora_diffusers.atomic import atomic_write, atomic_write_text, swap_in_folder  # noqa: E402
+from reslora_diffusers.io import WEIGHTS_NAME, read_adapter  # noqa: E402
+from reslora_diffusers.annealing import DEFAULT_ANNEAL_FRACTION, shortcut_anneal_factor  # noqa: E402
+from reslora_diffusers.lora_plus import lora_plus_param_groups  # noqa: E402
+from reslora_diffusers.merge import merge_adapter  # noqa: E402
+from reslora_diffusers.sdxl import SDXLConditioning  # noqa: E402
+from reslora_diffusers.model_card import model_card  # noqa: E402
+from reslora_diffusers.run_safety import (  # noqa: E402
+    NonFiniteError,
+    clear_run_outputs,
+    factor_tensors,
+    optimizer_tensors,
+    require_finite,
+)
+from reslora_diffusers.training_data import (  # noqa: E402
+    DatasetError,
+    EpochShuffleSampler,
+    ImageCaptionDataset,
+    ImageTransform,
+    load_hub_dataset,
+    load_imagefolder,
+    subset,
+)
+
+logger = get_logger(__name__, log_level="INFO")
+
+
+class TrainingStopped(Exception):
+    """Training cannot go on (a non-finite loss, data that broke mid-run); the message says why and what is kept."""
 
 
 def load_base(args):
@@ -429,18 +512,6 @@ def load_examples(args):
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------
-def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every complete checkpoint, oldest first. Folders still being written have another name."""
-    if not output_dir.is_dir():
-        return []
-    found = []
-    for child in output_dir.iterdir():
-        match = CHECKPOINT_PATTERN.fullmatch(child.name)
-        if match and (child / CHECKPOINT_MARKER).is_file():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
-
-
 def save_checkpoint(accelerator: Accelerator, args, global_step: int, epoch: int) -> Path:
     """`accelerator.save_state` into a temporary folder, renamed to `checkpoint-<step>` once every file is there.
 
@@ -455,7 +526,7 @@ def save_checkpoint(accelerator: Accelerator, args, global_step: int, epoch: int
     accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        marker = {"global_step": global_step, "epoch": epoch, "num_processes": accelerator.num_processes}
+        marker = {"global_step": global_step, "epoch": epoch, "num_processes": accelerator.num_processes, "settings": run_settings(args)}
         atomic_write_text(staging / CHECKPOINT_MARKER, json.dumps(marker, indent=2))
         # The same step saved before a resume is replaced only now that the new one is complete.
         swap_in_folder(staging, final)
@@ -465,19 +536,6 @@ def save_checkpoint(accelerator: Accelerator, args, global_step: int, epoch: int
                 shutil.rmtree(folder)
     accelerator.wait_for_everyone()
     return final
-
-
-def find_resume_checkpoint(args) -> Path | None:
-    output_dir = Path(args.output_dir)
-    if args.resume_from_checkpoint == "latest":
-        checkpoints = complete_checkpoints(output_dir)
-        return checkpoints[-1][1] if checkpoints else None
-    path = Path(args.resume_from_checkpoint)
-    if not path.exists():
-        path = output_dir / path.name
-    if not (path / CHECKPOINT_MARKER).is_file():
-        exit_with_error(f"{args.resume_from_checkpoint} is not a complete checkpoint of this script (no {CHECKPOINT_MARKER})")
-    return path
 
 
 # -- metrics, validation, outputs ---------------------------------------------------------------------------------
@@ -583,8 +641,9 @@ def log_validation(pipeline, accelerator, args, step: int) -> Path:
 
 
 def export_merged(adapter, args, calibration) -> tuple[str, Path, Path]:
-    """Merges the adapter into plain LoRA factors and writes the diffusers and kohya files."""
+    """Merges the adapter into plain LoRA factors and writes the diffusers and kohya files (NonFiniteError: none)."""
     result = merge_adapter(adapter, method=args.merge_method, calibration=calibration)
+    require_finite(factor_tensors(result.factors), f"the {result.method} merge")
     output_dir = Path(args.output_dir)
     metadata = {
         "reslora_res_type": adapter.config.res_type,
@@ -601,6 +660,31 @@ def export_merged(adapter, args, calibration) -> tuple[str, Path, Path]:
     return result.method, Path(diffusers_file), Path(kohya_file)
 
 
+def require_finite_state(adapter, optimizer, global_step: int) -> None:
+    """Stops the run (TrainingStopped) when the adapter or the optimizer state is not finite: it is never written."""
+    try:
+        require_finite(adapter.state_dict(), "the adapter")
+        require_finite(optimizer_tensors(optimizer), "the optimizer state")
+    except NonFiniteError as error:
+        raise TrainingStopped(
+            f"the weights became non-finite at step {global_step} ({error}); training stopped without saving them "
+            "(try a lower --learning_rate, or --mixed_precision bf16 instead of fp16)"
+        ) from None
+
+
+def shut_down(accelerator) -> None:
+    """Ends a run so that every process exits, in order: trackers flushed, models freed, then the process group.
+
+    A data-parallel model holds the process group; destroyed at interpreter exit instead, gloo's destructor
+    could wait forever for a peer that had already gone (2 of 8 CPU runs hung after writing every output).
+    """
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()  # drops the accelerator's references to the prepared (DDP-wrapped) models
+    gc.collect()
+    accelerator.wait_for_everyone()  # every process has freed its wrappers before any destroys the group
+    accelerator.end_training()  # finishes the trackers and destroys the process group
+
+
 def adapter_replica_difference(accelerator, adapter) -> float:
     """Largest difference between this process's adapter and any other's (0.0: all replicas identical)."""
     flat = torch.cat([p.detach().float().flatten() for p in adapter.trainable_parameters()])
@@ -611,7 +695,7 @@ def adapter_replica_difference(accelerator, adapter) -> float:
 def main(argv=None):
     args = parse_args(argv)
     # Everything that can be checked without loading models is checked before anything is written.
-    check_base(args)
+    preflight(args)
     examples = load_examples(args)
     output_dir = Path(args.output_dir)
     resume_from = find_resume_checkpoint(args) if args.resume_from_checkpoint else None
@@ -641,11 +725,12 @@ def main(argv=None):
     if args.enable_xformers_memory_efficient_attention:
         logger.warning("ResLoRA's attention processors use PyTorch scaled_dot_product_attention; xformers is not needed")
 
-    # On CPU, one thread per process unless OMP_NUM_THREADS says otherwise: the small matrices of a LoRA step
-    # gain little from more, and on a busy machine extra threads wait on each other (measured: 4x slower on 2 cores).
-    if accelerator.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)
-        logger.info("CPU training with 1 thread per process (set OMP_NUM_THREADS to use more)")
+    # On CPU, one thread per process unless --threads or OMP_NUM_THREADS says otherwise (see --threads).
+    if args.threads is not None:
+        set_threads(args.threads)
+    elif accelerator.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        set_threads(1)
+        logger.info("CPU training with 1 thread per process (pass --threads to use more)")
 
     # Each process gets its own seed, so processes draw different noise for their different images.
     set_seed(args.seed, device_specific=True)
@@ -662,6 +747,8 @@ def main(argv=None):
         args.resolution = int(vae.config.sample_size)
     if args.resolution % vae_scale_factor:
         exit_with_error(f"--resolution must be a multiple of {vae_scale_factor} (the VAE's downsampling factor), got {args.resolution}")
+    if resume_from is not None and (error := resume_error(resume_from, CHECKPOINT_MARKER, run_settings(args))):
+        exit_with_error(error)  # again, now that the default resolution is known
 
     # The frozen base runs in the mixed-precision dtype (the adapters stay fp32). With Delta-LoRA the base
     # weights move by small steps every update, which a 16-bit weight would round away: they stay fp32.
@@ -791,6 +878,18 @@ def main(argv=None):
         accelerator.load_state(str(resume_from))
         global_step = json.loads((resume_from / CHECKPOINT_MARKER).read_text())["global_step"]
         first_epoch = global_step // num_update_steps_per_epoch
+        try:  # a checkpoint is checked when written; one from an older version of this script may not have been
+            require_finite(adapter.state_dict(), f"the adapter in {resume_from}")
+        except NonFiniteError as error:
+            exit_with_error(f"cannot resume: {error}; resume from an earlier checkpoint")
+        if global_step >= args.max_train_steps:
+            accelerator.print(
+                f"Nothing left to train: {resume_from} is at step {global_step} and --max_train_steps is {args.max_train_steps}; "
+                f"the outputs in {output_dir} are left as they are (raise --max_train_steps to train on)."
+            )
+            unet = text_encoder = None  # their DDP wrappers hold the process group; shut_down frees it in order
+            shut_down(accelerator)
+            return
     elif args.resume_from_checkpoint == "latest":
         accelerator.print(f"No complete checkpoint in {output_dir}: starting a new training run.")
     resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
@@ -798,6 +897,8 @@ def main(argv=None):
     # From here on, files are written.
     metrics = None
     if accelerator.is_main_process:
+        if args.overwrite_output_dir:
+            clear_run_outputs(output_dir)  # the previous run's files only; anything else in the folder stays
         output_dir.mkdir(parents=True, exist_ok=True)
         for leftover in output_dir.glob("checkpoint-*.tmp"):
             shutil.rmtree(leftover)  # a checkpoint a crash cut short; never complete, never resumed from
@@ -938,6 +1039,8 @@ def main(argv=None):
                     train_loss = 0.0
 
                     if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+                        # Every process holds the same adapter, so all of them stop here together.
+                        require_finite_state(adapter, optimizer, global_step)
                         last_checkpoint = save_checkpoint(accelerator, args, global_step, epoch)
                         logger.info(f"saved checkpoint {last_checkpoint}")
                     if validate and args.validation_steps and global_step % args.validation_steps == 0:
@@ -952,10 +1055,12 @@ def main(argv=None):
                 accelerator.wait_for_everyone()
             if end_of_run:
                 break
+        require_finite_state(adapter, optimizer, global_step)  # the final state, whether or not a checkpoint saved it
     except (TrainingStopped, DatasetError) as stop:
-        kept = f"the last complete checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+        kept = f"the last finite checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
         progress_bar.close()
-        accelerator.end_training()
+        unet = text_encoder = train_models = None  # as at the end of a run: the DDP wrappers go before the process group
+        shut_down(accelerator)
         exit_with_error(f"{stop}; {kept}", code=1)
     progress_bar.close()
     train_seconds = time.time() - start_time
@@ -982,7 +1087,11 @@ def main(argv=None):
             pipeline(list(args.validation_prompt), num_inference_steps=8, height=args.resolution, width=args.resolution,
                      generator=torch.Generator().manual_seed(args.seed), output_type="latent")
 
-        merge, diffusers_file, kohya_file = export_merged(adapter, args, calibration)
+        try:
+            merge, diffusers_file, kohya_file = export_merged(adapter, args, calibration)
+        except NonFiniteError as error:
+            shut_down(accelerator)  # the other processes wait there
+            exit_with_error(f"the merged exports were not written: {error}; the native adapter in {output_dir} is finite", code=1)
         adapter_dtypes = sorted({str(p.dtype) for p in adapter.trainable_parameters()})
         trained_steps = global_step - start_step
         summary = {
@@ -1028,6 +1137,7 @@ def main(argv=None):
             validation_prompts=list(args.validation_prompt),
             trained_text_encoder=args.train_text_encoder,
             sdxl=sdxl is not None,
+            repo_id=(args.hub_model_id or output_dir.resolve().name) if args.push_to_hub else None,
         )
         atomic_write_text(output_dir / "README.md", card)
         if args.push_to_hub:
@@ -1051,8 +1161,8 @@ def main(argv=None):
         )
         for label, value in where:
             accelerator.print(f"  {label:<30} {value}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    del unet, text_encoder, train_models  # their DDP wrappers hold the process group; shut_down frees it in order
+    shut_down(accelerator)
 
 
 def push_to_hub(args, output_dir: Path) -> None:

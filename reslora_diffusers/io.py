@@ -18,6 +18,7 @@ from torch import nn
 
 from .adapter import AdapterMismatchError, ResLoRAAdapter, apply_reslora
 from .atomic import atomic_write, atomic_write_text
+from .chains import ProbedLayer, build_chains
 from .config import ResLoRAConfig
 from .sdxl import is_sdxl_unet
 
@@ -93,8 +94,39 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str
     try:
         tensors = load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"{weights_path} is not a readable safetensors file: {error}") from None
+        raise ValueError(f"{weights_path} is not a readable safetensors file: {unreadable_reason(weights_path, error)}") from None
     return metadata, tensors
+
+
+# How the files most often mistaken for safetensors begin.
+_PICKLE_START = b"\x80"  # pickle protocol 2+ (torch.save before 1.6, .ckpt, .bin)
+_ZIP_START = b"PK\x03\x04"  # torch.save's zip container (.pt, .pth, .bin)
+
+
+def unreadable_reason(path: Path, error: Exception) -> str:
+    """Why safetensors could not read `path`, named by what the file is rather than by the parser's symptom."""
+    with open(path, "rb") as file:
+        start = file.read(8)
+    if start.startswith(_PICKLE_START) or start.startswith(_ZIP_START):
+        return "it is a pickled PyTorch file (torch.save / .ckpt), which is never loaded here (unpickling can run code)"
+    if len(start) < 8:
+        return f"it is truncated ({len(start)} bytes)"
+    return str(error)
+
+
+def _check_chains_match_config(metadata: dict[str, Any], config: ResLoRAConfig, config_path: Path) -> None:
+    """The saved chains were built for the saved res_type; a config edited to another one no longer describes them."""
+    by_component: dict[str, list[ProbedLayer]] = {}
+    for name, layer in metadata.get("layers", {}).items():
+        probed = ProbedLayer(name, layer["target"], layer["in_features"], layer["out_features"], tuple(layer["input_shape"]))
+        by_component.setdefault(name.split(".", 1)[0], []).append(probed)
+    for component, layers in by_component.items():
+        expected = sorted(map(tuple, build_chains(layers, config.res_type)))
+        if expected != sorted(map(tuple, metadata["chains"].get(component, []))):
+            raise ValueError(
+                f"{config_path} is inconsistent: its chains were not built for its res_type {config.res_type!r} "
+                "(was the config edited?); restore the file written with the adapter"
+            )
 
 
 def load_adapter(
@@ -112,6 +144,7 @@ def load_adapter(
     metadata, tensors = read_adapter(directory)
     check_base_family(metadata, unet)
     config = ResLoRAConfig.from_dict(metadata["config"])
+    _check_chains_match_config(metadata, config, Path(directory) / CONFIG_NAME)
     chains = metadata["chains"]
     if "text_encoder" not in chains:
         text_encoder = None

@@ -22,10 +22,10 @@ import torch
 
 from .adapter import ResLoRAAdapter
 from .blocks import ResLoRABlock
+from .config import MERGE_METHODS
 from .formats import LoRAFactors, lora_delta
 from .merge_calibration import alpha_merged_down, collect_layer_statistics, relative_layer_error, run_with_block_hooks
 
-MERGE_METHODS = ("input", "weight", "lstsq", "lstsq_joint", "calibrated")
 CALIBRATED_METHODS = ("lstsq", "lstsq_joint", "calibrated")  # need a calibration run
 
 Alphas = dict[str, list[float]]  # block name -> [α*_{n,1}, …, α*_{n,m}], one per linked earlier block
@@ -104,6 +104,7 @@ class _ShortcutStatistics:
         self.square = {name: [0.0] * len(b.previous) for name, b in _shortcut_blocks(adapter)}
         self.target_square = {name: [0.0] * len(b.previous) for name, b in _shortcut_blocks(adapter)}
         self.inputs: dict[str, torch.Tensor] = {}
+        self.reached: set[str] = set()  # shortcut blocks the calibration ran through
 
     def hook(self, name: str, block: ResLoRABlock):
         def record(_module, args):
@@ -111,6 +112,7 @@ class _ShortcutStatistics:
             self.inputs[name] = x
             if name not in self.cross:
                 return
+            self.reached.add(name)
             up = block.lora_B.detach().float()
             for k, previous in enumerate(block.previous):
                 down = (previous if block.res_type == "ms" else block).lora_A.detach().float()
@@ -146,7 +148,8 @@ def collect_shortcut_statistics(adapter: ResLoRAAdapter, calibration: Callable[[
         run_with_block_hooks(adapter, stats.hook, calibration)
     finally:
         stats.inputs.clear()
-    if not any(sum(v) for v in stats.square.values()) and stats.square:
+    # (Reached blocks whose branch is still zero, as before the first update, are fine: any α is exact there.)
+    if stats.square and not stats.reached:
         raise ValueError("the calibration run never reached the adapter's shortcut blocks")
     return stats
 

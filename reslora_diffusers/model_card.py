@@ -25,6 +25,11 @@ def _relative(path: Path, root: Path) -> str:
     return Path(os.path.relpath(path, root)).as_posix()
 
 
+def _reference(name: str, output_dir: Path) -> str:
+    """A local path as seen from the card's folder (a card moves with its folder; an absolute path would not), else a Hub id."""
+    return _relative(Path(name), output_dir) if Path(name).exists() else name
+
+
 def model_card(
     *,
     output_dir: Path,
@@ -39,8 +44,16 @@ def model_card(
     validation_prompts: list[str],
     trained_text_encoder: bool,
     sdxl: bool = False,
+    repo_id: str | None = None,
 ) -> str:
-    """The card's Markdown: what was trained on what, with which settings, and how to load each file."""
+    """The card's Markdown: what was trained on what, with which settings, and how to load each file.
+
+    Local paths (base model, data) are written relative to `output_dir`; the adapter is "." (the card's own
+    folder) or `repo_id` when it is uploaded to the Hub.
+    """
+    base_model = _reference(base_model, output_dir)
+    dataset = _reference(dataset, output_dir)
+    adapter_location = repo_id or "."
     kohya = _relative(kohya_file, output_dir)
     lora_name = kohya_file.stem
     merge_note = (
@@ -110,7 +123,7 @@ def model_card(
         f"from diffusers import {pipeline_class}",
         "",
         f'pipe = {pipeline_class}.from_pretrained("{base_model}")',
-        f'pipe.load_lora_weights("{output_dir.as_posix()}")',
+        f'pipe.load_lora_weights("{adapter_location}")' + ("" if repo_id else "  # this folder"),
         f'image = pipe("{validation_prompts[0] if validation_prompts else "a photo"}").images[0]',
         "```",
         "",
@@ -121,8 +134,9 @@ def model_card(
         "from reslora_diffusers import load_adapter",
         "",
         f'pipe = {pipeline_class}.from_pretrained("{base_model}")',
-        f'adapter = load_adapter(pipe.unet, "{output_dir.as_posix()}"'
-        + (encoders if trained_text_encoder else ")"),
+        f'adapter = load_adapter(pipe.unet, "{adapter_location}"'
+        + (encoders if trained_text_encoder else ")")
+        + ("" if repo_id else "  # this folder"),
         f'image = pipe("{validation_prompts[0] if validation_prompts else "a photo"}").images[0]',
         "```",
         "",

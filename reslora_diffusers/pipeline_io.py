@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import socket
+import threading
 from pathlib import Path
-
-import torch
+from urllib.parse import urlsplit
 
 from .cli import first_line
+
+HUB_TIMEOUT_S = 5.0
 
 
 class UserInputError(ValueError):
@@ -55,13 +59,71 @@ def pipeline_class(sdxl: bool):
     return StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
 
 
-def load_pipeline(base: str | os.PathLike, base_config: str | os.PathLike | None = None, torch_dtype=torch.float32):
+@functools.lru_cache(maxsize=None)
+def _reachable(host: str, port: int, timeout: float) -> bool:
+    """Whether a TCP connection to host:port opens within `timeout` seconds (name lookup included)."""
+    opened = []
+
+    def connect():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            opened.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=connect, daemon=True)  # a hung name lookup must not hold the command
+    thread.start()
+    thread.join(timeout)
+    return bool(opened)
+
+
+def hub_access(repo_id: str, revision: str | None = None, cache_dir: str | None = None) -> bool:
+    """Whether `repo_id` can be used from the Hub, checked in seconds: True to download, False to use the local cache.
+
+    Raises UserInputError "cannot download <id>: no network; ..." when it is not cached and the Hub cannot be
+    reached (HF_HUB_OFFLINE set, or no connection to the endpoint or proxy within HUB_TIMEOUT_S) — instead of
+    minutes of retries ending in a message about a missing file.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(repo_id, "model_index.json", cache_dir=cache_dir, revision=revision), str)
+    if constants.HF_HUB_OFFLINE:
+        if cached:
+            return False
+        raise UserInputError(f"cannot download {repo_id}: no network (HF_HUB_OFFLINE is set); pass a local folder")
+    endpoint = urlsplit(constants.ENDPOINT)
+    proxy_variables = ("HTTPS_PROXY", "https_proxy") if endpoint.scheme == "https" else ("HTTP_PROXY", "http_proxy")
+    proxy = next((os.environ[v] for v in proxy_variables if os.environ.get(v)), None)
+    target = urlsplit(proxy if "://" in (proxy or "") else f"http://{proxy}") if proxy else endpoint
+    port = target.port or (443 if target.scheme == "https" else 80)
+    if _reachable(target.hostname or "", port, HUB_TIMEOUT_S):
+        return True
+    if cached:
+        return False
+    raise UserInputError(
+        f"cannot download {repo_id}: no network ({target.hostname}:{port} unreachable within {HUB_TIMEOUT_S:g} s); pass a local folder"
+    )
+
+
+def hub_access_error(repo_id: str, revision: str | None = None, cache_dir: str | None = None) -> str | None:
+    """`hub_access`'s refusal as a message (None when the id can be used)."""
+    try:
+        hub_access(repo_id, revision, cache_dir)
+    except UserInputError as error:
+        return str(error)
+    return None
+
+
+def load_pipeline(base: str | os.PathLike, base_config: str | os.PathLike | None = None, torch_dtype=None):
     """A `StableDiffusionPipeline` or, for an SDXL base, a `StableDiffusionXLPipeline`, offline.
 
     The base is a diffusers folder or a single-file checkpoint. A single file needs `base_config`, a diffusers
     folder (or Hub-style config folder) describing the model, unless diffusers recognises it as a standard
     SD-1.x / 2.x / SDXL checkpoint. Pickled `.ckpt` files are refused.
     """
+    import torch
+
+    torch_dtype = torch_dtype or torch.float32
     path = Path(base)
     if not path.exists():
         raise UserInputError(f"base model not found: {path}")

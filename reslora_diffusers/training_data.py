@@ -74,7 +74,7 @@ def _read_metadata(path: Path) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise DatasetError(f"{path}, line {number} is not valid JSON: {error.msg}") from None
+            raise DatasetError(f"{path}, line {number} is not valid JSON: {error.msg} (column {error.colno})") from None
         if not isinstance(row, dict):
             raise DatasetError(f"{path}, line {number} must be a JSON object, got {type(row).__name__}")
         rows.append(row)
