@@ -13,7 +13,6 @@ Users' files are loaded by diffusers itself (`pipe.load_lora_weights`, PEFT laye
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 import runs as run_folders
-from paths import resolve_inside
+from paths import resolve_inside, walk_inside
 from reslora_diffusers.cli import first_line
 from reslora_diffusers.io import CONFIG_NAME, WEIGHTS_NAME
 from reslora_diffusers.pipeline_io import UserInputError
@@ -87,17 +86,10 @@ def discover_adapters(roots: list[Path]) -> list[AdapterSource]:
     """Native run folders and LoRA files under `roots` (hidden and `checkpoint-*` folders skipped), by label."""
     found = [_native_source(run) for run in run_folders.discover_runs(roots, adapters_only=True)]
     for root in roots:
-        root = Path(root).resolve()
-        if not root.is_dir():
-            continue
-        for directory, subdirs, files in os.walk(root):
-            folder = Path(directory)
-            subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and not d.startswith("checkpoint-"))
-            if len(folder.relative_to(root).parts) >= run_folders.MAX_DEPTH:
-                subdirs.clear()
-            for name in sorted(files):
+        for folder, _subdirs, files in walk_inside(root):
+            for name in files:
                 if name.endswith(".safetensors") and name != WEIGHTS_NAME and not name.startswith("."):
-                    source = _file_source(folder / name, [root])
+                    source = _file_source(folder / name, [Path(root).resolve()])
                     if source is not None:
                         found.append(source)
     unique = {source.path: source for source in found}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import shlex
 import socket
 import sys
 from pathlib import Path
@@ -61,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="torch device of the pipeline (auto: cuda when available, else cpu).")
     parser.add_argument("--threads", type=int, default=default_threads(),
                         help="CPU threads for torch here and for training runs (default: half the cores, at most 8; %(default)s here).")
+    parser.add_argument("--train_args", default="",
+                        help="Extra flags for every training run started from the page, e.g. \"--train_batch_size 4 --resolution 64\".")
     parser.add_argument("--max_steps", type=int, default=150, help="Largest number of denoising steps a request may ask for.")
     parser.add_argument("--max_size", type=int, default=512, help="Largest image side (px) a request may ask for.")
     parser.add_argument("--queue_size", type=int, default=16, help="Requests that may wait in the queue; more are turned away.")
@@ -69,6 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--port must be in 1..65535, got {args.port}")
     if args.max_steps < 1 or args.max_size < 8 or args.queue_size < 1 or args.threads < 1:
         parser.error("--max_steps, --queue_size and --threads must be >= 1 and --max_size >= 8")
+    try:
+        args.train_args = shlex.split(args.train_args)
+    except ValueError as error:
+        parser.error(f"--train_args: {error}")
     return args
 
 
@@ -144,8 +151,8 @@ def main(argv=None) -> int:
         workdir=workdir,
     )
     comparer = Comparer(pipe, base, folders.adapters, Limits(max_steps=args.max_steps, max_size=args.max_size), loader=load)
-    queue = TrainingQueue(folders.runs, base, args.threads, base_config if base.is_file() else None)
-    demo = build_demo(Handlers(comparer, folders, queue, base_config))
+    queue = TrainingQueue(folders.runs, base, args.threads, base_config if base.is_file() else None, args.train_args)
+    demo = build_demo(Handlers(comparer, folders, queue))
     demo.queue(default_concurrency_limit=1, max_size=args.queue_size)
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, theme=THEME, css=CSS, footer_links=["api"])

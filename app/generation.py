@@ -111,8 +111,6 @@ def _integer(value, name: str) -> int:
 @contextlib.contextmanager
 def native_strength(adapter, strength: float) -> Iterator[None]:
     """A native adapter's unmerged branches at `strength` (1: as trained, 0: the base model alone)."""
-    if strength != 1 and adapter.delta_lora is not None:
-        raise UserInputError("Delta-LoRA adapters run at strength 1 only: their frozen weights were moved in training")
     if hasattr(adapter, "set_scale"):
         previous = adapter.scale
         adapter.set_scale(strength)
@@ -121,7 +119,10 @@ def native_strength(adapter, strength: float) -> Iterator[None]:
         finally:
             adapter.set_scale(previous)
         return
-    # Until the adapter has its own scale knob: every branch output is linear in its block's scaling.
+    # Until the adapter has its own scale knob: every branch output is linear in its block's scaling, but
+    # Delta-LoRA's move of the frozen weights is not a branch.
+    if strength != 1 and adapter.delta_lora is not None:
+        raise UserInputError("Delta-LoRA adapters run unmerged at strength 1 only (merged: any strength)")
     saved = {name: block.scaling for name, block in adapter.blocks.items()}
     try:
         for name, block in adapter.blocks.items():
@@ -133,7 +134,8 @@ def native_strength(adapter, strength: float) -> Iterator[None]:
 
 
 def scaled_factors(factors: dict[str, LoRAFactors], strength: float) -> dict[str, LoRAFactors]:
-    """Merged factors at `strength`: ΔW = strength · (alpha / rank) · up @ down."""
+    """Merged factors at `strength`: ΔW = strength · (alpha / rank) · up @ down (merges are always at strength 1;
+    the factors hold the whole change from the base weights, Delta-LoRA's move included)."""
     if strength == 1:
         return factors
     return {name: LoRAFactors(f.down, f.up * strength, f.alpha) for name, f in factors.items()}
@@ -326,8 +328,6 @@ class Comparer:
                         image, seconds = self._draw(sampling, latents, advance)
                         cells.append(Cell(image, seconds, source, setting, "unmerged", setup))
                 return cells
-            if setting.strength != 1 and adapter.delta_lora is not None:
-                raise UserInputError("Delta-LoRA adapters run at strength 1 only: their frozen weights were moved in training")
 
             def calibration():  # lstsq: the unmerged model on the first prompt, from other noise than the image's
                 first = samplings[0]

@@ -7,14 +7,13 @@ the model the adapters were trained on).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
 import runs as run_folders
-from paths import resolve_inside
+from paths import resolve_inside, walk_inside
 from reslora_diffusers.pipeline_io import UserInputError
 
 MODEL_INDEX = "model_index.json"
@@ -44,22 +43,16 @@ def is_checkpoint_file(path: Path) -> bool:
 def discover_models(roots: list[Path]) -> list[ModelSource]:
     found: dict[Path, ModelSource] = {}
     for root in roots:
-        root = Path(root).resolve()
-        if not root.is_dir():
-            continue
-        for directory, subdirs, files in os.walk(root):
-            folder = Path(directory)
-            subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and not d.startswith("checkpoint-"))
+        for folder, subdirs, files in walk_inside(root):
+            label = run_folders.label_of(folder, [Path(root).resolve()])
             if MODEL_INDEX in files:
-                found[folder] = ModelSource(folder, run_folders.label_of(folder, [root]), DIFFUSERS_FOLDER)
+                found[folder] = ModelSource(folder, label, DIFFUSERS_FOLDER)
                 subdirs.clear()  # its unet/, vae/… are parts, not models
                 continue
-            if len(folder.relative_to(root).parts) >= run_folders.MAX_DEPTH:
-                subdirs.clear()
-            for name in sorted(files):
+            for name in files:
                 path = folder / name
                 if name.endswith(".safetensors") and not name.startswith(".") and is_checkpoint_file(path):
-                    found[path] = ModelSource(path, run_folders.label_of(path, [root]), SINGLE_FILE)
+                    found[path] = ModelSource(path, run_folders.label_of(path, [Path(root).resolve()]), SINGLE_FILE)
     return sorted(found.values(), key=lambda model: model.label)
 
 

@@ -7,6 +7,7 @@ the roots it belongs to (adapters, models, data, runs) before anything is read.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import tempfile
@@ -128,18 +129,40 @@ def grid_label(cell) -> str:
 
 
 def save_cell(folders: Folders, sampling: Sampling, cell, base_label: str) -> str:
-    adapter = cell.source.label if cell.source else "base"
+    adapter = cell.source.label.removesuffix(".safetensors") if cell.source else "base"
     strength = cell.setting.strength if cell.source else None
     name = image_name(sampling.prompt, sampling.seed, adapter, strength)
     return str(save_png(cell.image, folders.images, name, cell_parameters(sampling, cell, base_label)))
 
 
+def keeps_the_page(outputs: int, what: str):
+    """A cancelled or failed job leaves its `outputs` as they are (`gr.skip()`) and says why in the status line."""
+
+    def wrap(handler):
+        @functools.wraps(handler)  # Gradio reads the signature (its progress argument) through __wrapped__
+        def guarded(*args, **kwargs):
+            keep = [gr.skip()] * outputs
+            try:
+                return handler(*args, **kwargs)
+            except Cancelled:
+                return *keep, "Cancelled: what was on the page stays."
+            except (UserInputError, ValueError, FileNotFoundError) as error:
+                return *keep, _error(error)
+            except Exception as error:
+                logger.exception("%s failed", what)
+                return *keep, f"{_error(error)} (the server log has the details)"
+
+        return guarded
+
+    return wrap
+
+
 class Handlers:
     """The page's event handlers, around one `Comparer` (generation) and one `TrainingQueue`."""
 
-    def __init__(self, comparer: Comparer, folders: Folders, queue: TrainingQueue, base_config: Path | None):
+    def __init__(self, comparer: Comparer, folders: Folders, queue: TrainingQueue):
         self.comparer, self.folders, self.queue = comparer, folders, queue
-        self.base_config = base_config
+        self.running_session: str | None = None
 
     def _base(self, base: str) -> Path:
         return model_at(base, self.folders.models) if (base or "").strip() else self.comparer.base
@@ -147,23 +170,28 @@ class Handlers:
     def _base_label(self) -> str:
         return run_folders.label_of(self.comparer.base, self.folders.models)
 
-    def generate(self, base, prompt, negative, seed, steps, guidance, size, scheduler, adapter_a, strength_a, adapter_b,
-                 strength_b, weights, merge_method, gain, progress=gr.Progress()):  # noqa: B008  (Gradio's progress bar)
-        keep = [gr.skip()] * 9
+    def _compare(self, samplings, settings, base, progress, request: gr.Request | None):
+        def on_progress(done: int, total: int, title: str) -> None:
+            progress((done, total), desc=f"drawing {title}", unit="steps")
+
+        self.running_session = getattr(request, "session_hash", None)
         try:
-            sampling = Sampling(prompt, negative, seed, steps, guidance, size, scheduler or MODEL_DEFAULT)
-            merged = weights == "merged"
-            slots = [(a, s) for a, s in ((adapter_a, strength_a), (adapter_b, strength_b))]
-            settings = [Setting(a if a != BASE_CHOICE else "", s, merged, merge_method) for a, s in slots if a]
-            samplings, bases, cells = self.comparer.compare(
-                [sampling], settings, self._base(base), lambda d, t, title: progress((d, t), desc=f"drawing {title}", unit="steps"))
-        except Cancelled:
-            return *keep, "Cancelled: the last images stay."
-        except (UserInputError, ValueError, FileNotFoundError) as error:
-            return *keep, _error(error)
-        except Exception as error:
-            logger.exception("generation failed")
-            return *keep, f"{_error(error)} (the server log has the details)"
+            return self.comparer.compare(samplings, settings, self._base(base), on_progress)
+        finally:
+            self.running_session = None
+
+    def closed(self, request: gr.Request):
+        """A closed or reloaded tab cancels the job it started: nobody is waiting for those images."""
+        if request is not None and request.session_hash is not None and request.session_hash == self.running_session:
+            self.comparer.cancel()
+
+    @keeps_the_page(outputs=9, what="images")
+    def generate(self, base, prompt, negative, seed, steps, guidance, size, scheduler, adapter_a, strength_a, adapter_b,
+                 strength_b, weights, merge_method, gain, request: gr.Request, progress=gr.Progress()):  # noqa: B008  (Gradio's progress bar)
+        sampling = Sampling(prompt, negative, seed, steps, guidance, size, scheduler or MODEL_DEFAULT)
+        slots = [(a, s) for a, s in ((adapter_a, strength_a), (adapter_b, strength_b))]
+        settings = [Setting(a if a != BASE_CHOICE else "", s, weights == "merged", merge_method) for a, s in slots if a]
+        samplings, bases, cells = self._compare([sampling], settings, base, progress, request)
         sampling, row, base_label = samplings[0], cells[0], self._base_label()
         by_slot = iter(row)
         shown = [bases[0]] + [next(by_slot) if a else None for a, _ in slots]
@@ -179,34 +207,25 @@ class Handlers:
         summary = summary_markdown(sampling, base_label, [c for c in shown if c is not None])
         return *files, difference, *captions, note, summary, "Done."
 
+    @keeps_the_page(outputs=2, what="grid")
     def grid(self, base, prompts, seeds, adapters, strengths, weights, methods, negative, steps, guidance, size, scheduler,
-             progress=gr.Progress()):  # noqa: B008
-        keep = [gr.skip()] * 2
-        try:
-            prompt_list = [p.strip() for p in str(prompts or "").splitlines() if p.strip()]
-            seed_list = parse_list(seeds, int, "seeds")
-            strength_list = parse_list(strengths, float, "strengths")
-            if not prompt_list or not seed_list or not adapters:
-                raise UserInputError("a grid needs at least one prompt, one seed and one adapter setting")
-            combos = settings_product([a if a != BASE_CHOICE else "" for a in adapters], strength_list, weights or [], methods or [])
-            settings = [Setting(a, s, m, method) for a, s, m, method in combos]
-            samplings = [Sampling(p, negative, seed, steps, guidance, size, scheduler or MODEL_DEFAULT) for p in prompt_list for seed in seed_list]
-            samplings, _bases, cells = self.comparer.compare(
-                samplings, settings, self._base(base), lambda d, t, title: progress((d, t), desc=f"drawing {title}", unit="steps"))
-        except Cancelled:
-            return *keep, "Cancelled: the last grid stays."
-        except (UserInputError, ValueError, FileNotFoundError) as error:
-            return *keep, _error(error)
-        except Exception as error:
-            logger.exception("grid failed")
-            return *keep, f"{_error(error)} (the server log has the details)"
+             request: gr.Request, progress=gr.Progress()):  # noqa: B008
+        prompt_list = [p.strip() for p in str(prompts or "").splitlines() if p.strip()]
+        seed_list = parse_list(seeds, int, "seeds")
+        strength_list = parse_list(strengths, float, "strengths")
+        if not prompt_list or not seed_list or not adapters:
+            raise UserInputError("a grid needs at least one prompt, one seed and one adapter setting")
+        combos = settings_product([a if a != BASE_CHOICE else "" for a in adapters], strength_list, weights or [], methods or [])
+        settings = [Setting(a, s, m, method) for a, s, m, method in combos]
+        samplings = [Sampling(p, negative, seed, steps, guidance, size, scheduler or MODEL_DEFAULT) for p in prompt_list for seed in seed_list]
+        samplings, _bases, cells = self._compare(samplings, settings, base, progress, request)
         row_labels = [f"{s.prompt} · seed {s.seed}" for s in samplings]
         column_labels = [grid_label(cell) for cell in cells[0]]
         image = labelled_grid([[cell.image for cell in row] for row in cells], row_labels, column_labels)
         first = samplings[0]
         text = parameters_text(first.prompt, first.negative_prompt, {
             "Grid": f"{len(samplings)} rows x {len(column_labels)} columns", "Prompts": " | ".join(prompt_list),
-            "Seeds": " ".join(str(s.seed) for s in samplings), "Columns": " | ".join(cell_title(cell) for cell in cells[0]), "Steps": first.steps,
+            "Seeds": " ".join(str(s.seed) for s in samplings[:len(seed_list)]), "Columns": " | ".join(cell_title(cell) for cell in cells[0]), "Steps": first.steps,
             "Sampler": first.scheduler, "CFG scale": first.guidance, "Size": f"{first.size}x{first.size}", "Model": self._base_label()})
         path = save_png(image, self.folders.images, f"grid-{slug(prompt_list[0])}-{len(samplings)}x{len(column_labels)}.png", text)
         table = pd.DataFrame(
@@ -425,7 +444,7 @@ def build_demo(handlers: Handlers) -> gr.Blocks:
                         stop = gr.Button("Cancel run", variant="stop", elem_id="train-cancel")
                     train_status = gr.Markdown(elem_id="train-status")
                 with gr.Column(scale=3):
-                    job = gr.Dropdown([], label="Run", elem_id="train-job")
+                    job = gr.Dropdown([], label="Run", allow_custom_value=True, elem_id="train-job")
                     jobs_table = gr.Dataframe(interactive=False, elem_id="train-jobs")
                     live_plot = gr.LinePlot(x="step", y="loss", color="run", title="Loss", height=260, elem_id="train-loss")
                     gallery = gr.Gallery(label="Validation images", columns=4, height=200, elem_id="train-validation-images")
@@ -481,4 +500,5 @@ def build_demo(handlers: Handlers) -> gr.Blocks:
         show.click(api_name="runs", **show_runs)
         smoothing.release(api_name=False, **show_runs)
         demo.load(api_name=False, **show_runs)
+        demo.unload(handlers.closed)
     return demo

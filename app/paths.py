@@ -7,6 +7,7 @@ so a request can never make the app read or write elsewhere, whatever `..` or sy
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from reslora_diffusers.pipeline_io import UserInputError
@@ -48,3 +49,20 @@ def check_root(path: str | os.PathLike, flag: str) -> Path:
     if not root.is_dir():
         raise UserInputError(f"{flag} {path} is not a folder")
     return root.resolve()
+
+
+MAX_DEPTH = 4  # deep enough for outputs/<experiment>/<run>/<file>
+
+
+def walk_inside(root: Path) -> Iterator[tuple[Path, list[str], list[str]]]:
+    """`os.walk` of a root without hidden folders (half-written temp folders) nor `checkpoint-*` folders, at most
+    `MAX_DEPTH` levels deep; the caller may empty the yielded subfolder list to skip a folder's insides."""
+    root = Path(root).resolve()
+    if not root.is_dir():
+        return
+    for directory, subdirs, files in os.walk(root):
+        folder = Path(directory)
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and not d.startswith("checkpoint-"))
+        if len(folder.relative_to(root).parts) >= MAX_DEPTH:
+            subdirs.clear()
+        yield folder, subdirs, sorted(files)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from paths import resolve_inside
+from paths import resolve_inside, walk_inside
 from reslora_diffusers.io import CONFIG_NAME
 from reslora_diffusers.pipeline_io import UserInputError
 
@@ -26,8 +26,6 @@ SUMMARY_NAME = "training_summary.json"
 TRAINING_ARGS_NAME = "training_args.json"
 REPORT_SUFFIX = ".merge_report.json"
 METHOD_NAMES = {"none": "LoRA", "is": "ResLoRA is", "bs": "ResLoRA bs", "ms": "ResLoRA ms"}
-# Deep enough for outputs/<experiment>/<run>; checkpoints inside a run are reachable through the path field.
-MAX_DEPTH = 4
 
 
 @dataclass(frozen=True)
@@ -79,18 +77,10 @@ def discover_runs(roots: list[Path], adapters_only: bool = False) -> list[Run]:
     """
     runs: dict[Path, Run] = {}
     for root in roots:
-        root = Path(root).resolve()
-        if not root.is_dir():
-            continue
-        for directory, subdirs, files in os.walk(root):
-            folder = Path(directory)
-            depth = len(folder.relative_to(root).parts)
-            subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and not d.startswith("checkpoint-"))
-            if depth >= MAX_DEPTH:
-                subdirs.clear()
+        for folder, _subdirs, files in walk_inside(root):
             if CONFIG_NAME not in files and METRICS_NAME not in files:
                 continue
-            run = Run(folder, label_of(folder, [root]), _adapter_config(folder))
+            run = Run(folder, label_of(folder, [Path(root).resolve()]), _adapter_config(folder))
             if run.has_adapter or not adapters_only:
                 runs.setdefault(folder, run)
     return sorted(runs.values(), key=lambda run: run.label)
