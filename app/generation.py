@@ -170,8 +170,15 @@ class Comparer:
         self.pipe = None  # let the old pipeline go before the new one is kept
         self._use(pipe, base)
 
+    @property
+    def max_steps(self) -> int:
+        """The limit, or fewer: a scheduler cannot take more steps than the model's training timesteps."""
+        return min(self.limits.max_steps, self.default_scheduler.config.get("num_train_timesteps", self.limits.max_steps))
+
     def cancel(self) -> None:
-        self.cancel_requested.set()
+        """Stops the running job at its next denoising step; with no job running it does nothing."""
+        if self.lock.locked():
+            self.cancel_requested.set()
 
     @property
     def scheduler_choices(self) -> list[tuple[str, str]]:
@@ -188,8 +195,8 @@ class Comparer:
         if len(prompt) > limits.max_prompt_chars or len(sampling.negative_prompt or "") > limits.max_prompt_chars:
             raise UserInputError(f"prompts are limited to {limits.max_prompt_chars} characters")
         steps = _integer(sampling.steps, "steps")
-        if not 1 <= steps <= limits.max_steps:
-            raise UserInputError(f"steps must be between 1 and {limits.max_steps}, got {steps}")
+        if not 1 <= steps <= self.max_steps:
+            raise UserInputError(f"steps must be between 1 and {self.max_steps}, got {steps}")
         size = _integer(sampling.size, "size")
         if not (self.size_multiple <= size <= limits.max_size and size % self.size_multiple == 0):
             raise UserInputError(
@@ -235,37 +242,42 @@ class Comparer:
         if len(samplings) * max(1, len(settings)) > self.limits.max_cells:
             raise UserInputError(f"at most {self.limits.max_cells} images per job, asked for {len(samplings) * len(settings)}")
         with self.lock:
-            self.cancel_requested.clear()
-            if base is not None:
-                self.use_base(base)
-            samplings = [self.check_sampling(s) for s in samplings]
-            checked = [self.check_setting(s) for s in settings]
-            adapted = sum(1 for _, source in checked if source is not None)
-            total = sum(s.steps for s in samplings) * (1 + adapted)
-            done = 0
+            try:
+                return self._compare_locked(samplings, settings, base, on_progress)
+            finally:
+                self.cancel_requested.clear()  # a cancel stops the job it was meant for, never the next one
 
-            def advance(title: str) -> Callable[[], None]:
-                def step() -> None:
-                    nonlocal done
-                    if self.cancel_requested.is_set():
-                        raise Cancelled("cancelled")
-                    done += 1
-                    if on_progress is not None:
-                        on_progress(done, total, title)
+    def _compare_locked(self, samplings, settings, base, on_progress):
+        if base is not None:
+            self.use_base(base)
+        samplings = [self.check_sampling(s) for s in samplings]
+        checked = [self.check_setting(s) for s in settings]
+        adapted = sum(1 for _, source in checked if source is not None)
+        total = sum(s.steps for s in samplings) * (1 + adapted)
+        done = 0
 
-                return step
+        def advance(title: str) -> Callable[[], None]:
+            def step() -> None:
+                nonlocal done
+                if self.cancel_requested.is_set():
+                    raise Cancelled("cancelled")
+                done += 1
+                if on_progress is not None:
+                    on_progress(done, total, title)
 
-            noise = [self._initial_latents(s) for s in samplings]
-            bases = []
-            for sampling, latents in zip(samplings, noise):
-                image, seconds = self._draw(sampling, latents, advance("base"))
-                bases.append(Cell(image, seconds, weights="base model"))
-            columns = []
-            for setting, source in checked:
-                if source is None:
-                    columns.append([replace(cell, setting=setting) for cell in bases])
-                else:
-                    columns.append(self._draw_adapted(source, setting, samplings, noise, advance(source.label)))
+            return step
+
+        noise = [self._initial_latents(s) for s in samplings]
+        bases = []
+        for sampling, latents in zip(samplings, noise):
+            image, seconds = self._draw(sampling, latents, advance("base"))
+            bases.append(Cell(image, seconds, weights="base model"))
+        columns = []
+        for setting, source in checked:
+            if source is None:
+                columns.append([replace(cell, setting=setting) for cell in bases])
+            else:
+                columns.append(self._draw_adapted(source, setting, samplings, noise, advance(source.label)))
         cells = [[column[row] for column in columns] for row in range(len(samplings))]
         for row, base_cell in zip(cells, bases):
             reference = np.asarray(base_cell.image, dtype=np.float64)

@@ -374,7 +374,7 @@ def build_demo(handlers: Handlers) -> gr.Blocks:
                         cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel")
                     with gr.Row():
                         seed = gr.Number(label="Seed", value=0, precision=0, info="-1: a random one", elem_id="seed")
-                        steps = gr.Number(label="Steps", value=20, precision=0, info=f"1 to {limits.max_steps}", elem_id="steps")
+                        steps = gr.Number(label="Steps", value=20, precision=0, info=f"1 to {comparer.max_steps}", elem_id="steps")
                     with gr.Row():
                         guidance = gr.Slider(0, limits.max_guidance, value=3.0, step=0.5, label="Guidance scale", elem_id="guidance")
                         size = gr.Number(label="Size (px)", value=comparer.native_size, precision=0,

@@ -65,9 +65,10 @@ def main() -> int:
                 expect(page.locator("#status")).to_contain_text("Done.", timeout=300_000)
                 save_small(page, output / "generate.png")
 
+                page.locator("#steps input").first.fill("8")
                 page.get_by_role("tab", name="Grid").click()
                 page.locator("#draw-grid").click()
-                expect(page.locator("#grid-status")).to_contain_text("Done", timeout=600_000)
+                expect(page.locator("#grid-status")).to_contain_text("Done", timeout=1_200_000)
                 save_small(page, output / "grid.png")
 
                 page.get_by_role("tab", name="Train").click()
