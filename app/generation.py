@@ -173,7 +173,9 @@ class Comparer:
     @property
     def max_steps(self) -> int:
         """The limit, or fewer: a scheduler cannot take more steps than the model's training timesteps."""
-        return min(self.limits.max_steps, self.default_scheduler.config.get("num_train_timesteps", self.limits.max_steps))
+        config = self.default_scheduler.config
+        timesteps = config.get("num_train_timesteps", self.limits.max_steps) - config.get("steps_offset", 0)
+        return min(self.limits.max_steps, timesteps)
 
     def cancel(self) -> None:
         """Stops the running job at its next denoising step; with no job running it does nothing."""
