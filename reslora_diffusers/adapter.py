@@ -7,6 +7,8 @@ SDXL's second encoder `text_encoder_2.text_model.encoder.layers.0.self_attn.q_pr
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
@@ -119,6 +121,44 @@ class ResLoRAAdapter:
             raise ValueError(f"the shortcut scale must be in [0, 1], got {scale!r}")
         for block in self.blocks.values():
             block.shortcut_scale = float(scale)
+    def components(self) -> list[str]:
+        """The models this adapter has blocks in ("unet", "text_encoder"), in the order they were patched."""
+        return list(dict.fromkeys(name.split(".", 1)[0] for name in self.blocks))
+
+    # -- strength -----------------------------------------------------------------------------------
+    def set_scale(self, scale: float, component: str | None = None) -> None:
+        """Multiplies each block's whole added branch (LoRA, shortcut and Delta-LoRA terms) by `scale`.
+
+        `component` is "unet", "text_encoder", "text_encoder_2" (SDXL) or None (all). 0 runs the base alone, bit for bit. diffusers'
+        `cross_attention_kwargs={"scale": s}` multiplies the UNet's scale for one call. A runtime knob only:
+        merges and exports always write the adapter at strength 1.
+        """
+        scale = float(scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"the adapter scale must be a finite number, got {scale}")
+        components = self.components()
+        if component is not None and component not in components:
+            raise ValueError(f"this adapter has no {component!r} blocks; its components are {components}")
+        for name, block in self.named_blocks(component):
+            block.scale = scale
+
+    @property
+    def scale(self) -> float | dict[str, float]:
+        """The scale set by `set_scale`: one float, or {component: scale} when the components differ."""
+        scales = {c: next(b.scale for _, b in self.named_blocks(c)) for c in self.components()}
+        values = set(scales.values())
+        return values.pop() if len(values) == 1 else scales
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Runs the base model alone inside the block (every branch off); the scales are restored afterwards."""
+        saved = {name: block.scale for name, block in self.blocks.items()}
+        try:
+            self.set_scale(0.0)
+            yield
+        finally:
+            for name, scale in saved.items():
+                self.blocks[name].scale = scale
 
     def input_norm_means(self) -> dict[str, float | None]:
         return {name: block.mean_input_norm() for name, block in self.blocks.items()}
@@ -187,15 +227,17 @@ def _checkpointing(model: nn.Module) -> bool:
 
 
 def _track_forward_passes(model: nn.Module, tracker: ForwardPassTracker, undo: list) -> None:
-    def before(_module, _args):
-        tracker.begin_pass()
+    def before(_module, _args, kwargs):
+        # diffusers' LoRA strength: the UNet's forward pops it (for PEFT layers) before processors see it.
+        call_kwargs = kwargs.get("cross_attention_kwargs") or {}
+        tracker.begin_pass(call_kwargs.get("scale", 1.0))
 
     def after(module, _args, _output):
         # A gradient-checkpointing recompute still needs this pass's cached inputs during backward.
         if not (torch.is_grad_enabled() and _checkpointing(module)):
             tracker.release_caches()
 
-    handles = [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
+    handles = [model.register_forward_pre_hook(before, with_kwargs=True), model.register_forward_hook(after)]
     undo.append(lambda: [h.remove() for h in handles])
 
 
@@ -232,7 +274,7 @@ def _patch_unet(adapter: ResLoRAAdapter, unet: nn.Module, targets: dict, tracker
 
 def _patch_text_encoder(adapter: ResLoRAAdapter, targets: dict, tracker: ForwardPassTracker) -> None:
     def add_branch(linear, args, output):
-        return output + linear.reslora(args[0]) if linear.reslora.active else output
+        return output + linear.reslora(args[0]) if linear.reslora.runs else output
 
     for name, (_target, linear) in targets.items():
         block = _new_block(name, linear, adapter.config, tracker)

@@ -34,9 +34,12 @@ class ForwardPassTracker:
     def __init__(self) -> None:
         self.pass_id = 0
         self.blocks: list[ResLoRABlock] = []
+        # This pass's strength from diffusers' `cross_attention_kwargs={"scale": s}` (1 when not given).
+        self.call_scale = 1.0
 
-    def begin_pass(self) -> None:
+    def begin_pass(self, call_scale: float = 1.0) -> None:
         self.pass_id += 1
+        self.call_scale = float(call_scale)
         self.release_caches()
 
     def release_caches(self) -> None:
@@ -83,12 +86,24 @@ class ResLoRABlock(nn.Module):
         self.active = True
         # γ of the shortcut terms (see the module docstring); set for a whole adapter by `set_shortcut_scale`.
         self.shortcut_scale = 1.0
+        # The adapter strength (`ResLoRAAdapter.set_scale`): multiplies the whole added branch.
+        self.scale = 1.0
         self.tracker = tracker
         tracker.blocks.append(self)
         # (pass id, tensor) that later blocks of the chain read in the same pass: the raw input for `is`,
         # the down-projection A·x (rank r, much smaller than x) for `ms`.
         self.cached: tuple[int, torch.Tensor] | None = None
         self._norm_pass_id = -1
+
+    @property
+    def strength(self) -> float:
+        """What the branch is multiplied by in this pass: the adapter scale times the call's `scale`."""
+        return self.scale * self.tracker.call_scale
+
+    @property
+    def runs(self) -> bool:
+        """Whether the branch is added at all; at strength 0 it is skipped, so the output is the base's bit for bit."""
+        return self.active and self.strength != 0
 
     def extra_repr(self) -> str:
         return f"{self.name}: in={self.in_features}, out={self.out_features}, r={self.rank}, res_type={self.res_type}"
@@ -209,7 +224,7 @@ class ResLoRABlock(nn.Module):
             out = F.linear(hidden, self.lora_B)
         else:
             out = F.linear(F.linear(dropped, self.lora_A), self.lora_B)
-        return (out * self.scaling).to(x.dtype)
+        return (out * (self.scaling * self.strength)).to(x.dtype)
 
 
 def _concatenated(*factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,7 +28,7 @@ class ResLoRAAttnProcessor(nn.Module):
 
     def project(self, target: str, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
         block = self.blocks[_module_key(target)] if _module_key(target) in self.blocks else None
-        if block is None or not block.active:
+        if block is None or not block.runs:
             return linear(x)
         return linear(x) + block(x)
 

@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from peft import LoraConfig
 
 from reslora_diffusers import AdapterMismatchError, ResLoRAConfig, apply_reslora, load_adapter, save_adapter
 from reslora_diffusers import blocks
+from reslora_diffusers.merge import baked_weights, merge_adapter
 from reslora_diffusers.processor import ResLoRAAttnProcessor
 from tiny_models import (
     perturb_adapter,
@@ -378,3 +380,52 @@ def test_delta_lora_adapter_reloads_onto_a_fresh_base(tmp_path):
     fresh = tiny_unet()
     load_adapter(fresh, tmp_path)
     torch.testing.assert_close(run_unet(fresh), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_scale_zero_runs_the_base_exactly_and_scales_combine_per_component():
+    unet, text_encoder = tiny_unet(), tiny_text_encoder()
+    inputs = unet_inputs()
+    base_unet, base_text = run_unet(unet, inputs).detach(), run_text_encoder(text_encoder).detach()
+    adapter = apply_reslora(unet, ResLoRAConfig(res_type="is", rank=4), text_encoder)
+    perturb_adapter(adapter)
+    with torch.no_grad():
+        full_unet, full_text = run_unet(unet, inputs), run_text_encoder(text_encoder)
+        assert adapter.scale == 1.0
+        with adapter.disabled():
+            assert adapter.scale == 0.0
+            assert torch.equal(run_unet(unet, inputs), base_unet) and torch.equal(run_text_encoder(text_encoder), base_text)
+        assert adapter.scale == 1.0 and torch.equal(run_unet(unet, inputs), full_unet)
+        # diffusers' LoRA strength knob reaches the ResLoRA processors.
+        assert torch.equal(unet(**inputs, cross_attention_kwargs={"scale": 0.0}).sample, base_unet)
+        adapter.set_scale(0.0, "unet")
+        assert adapter.scale == {"unet": 0.0, "text_encoder": 1.0}
+        assert torch.equal(run_unet(unet, inputs), base_unet)
+        assert torch.equal(run_text_encoder(text_encoder), full_text)
+    with pytest.raises(ValueError, match="no 'vae' blocks"):
+        adapter.set_scale(0.5, "vae")
+    with pytest.raises(ValueError, match="finite"):
+        adapter.set_scale(float("nan"))
+
+
+@pytest.mark.parametrize("res_type", ["none", "bs"])
+def test_scale_half_gives_the_midpoint_of_base_and_adapted_weights(res_type):
+    """For `none` / `bs` the branch is an exact ΔW: at scale 0.5 every layer is W + ΔW/2."""
+    unet, text_encoder = tiny_unet(), tiny_text_encoder()
+    adapter = apply_reslora(unet, ResLoRAConfig(res_type=res_type, rank=4, pre_num=-1), text_encoder)
+    perturb_adapter(adapter)
+    halves = {name: dataclasses.replace(f, alpha=f.alpha / 2) for name, f in merge_adapter(adapter).factors.items()}
+    inputs = unet_inputs()
+    with torch.no_grad():
+        full = run_unet(unet, inputs)
+        with baked_weights(adapter, halves):
+            expected_unet, expected_text = run_unet(unet, inputs), run_text_encoder(text_encoder)
+        via_call = unet(**inputs, cross_attention_kwargs={"scale": 0.5}).sample
+        adapter.set_scale(0.5)
+        got_unet, got_text = run_unet(unet, inputs), run_text_encoder(text_encoder)
+        # The call's scale multiplies the adapter's: 0.5 · 2 = 1.
+        doubled = unet(**inputs, cross_attention_kwargs={"scale": 2.0}).sample
+    torch.testing.assert_close(got_unet, expected_unet, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_text, expected_text, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(via_call, got_unet, rtol=0, atol=0)
+    torch.testing.assert_close(doubled, full, rtol=1e-6, atol=1e-6)
+    assert (got_unet - full).abs().max() > 1e-3
