@@ -19,11 +19,12 @@ from .blocks import ForwardPassTracker, ResLoRABlock
 from .chains import ProbedLayer, build_chains, predecessors, probe_execution_order
 from .config import ResLoRAConfig
 from .delta_lora import DeltaLoRA
-from .processor import ResLoRAAttnProcessor
+from .processor import ResLoRAAttnProcessor, replaced_processor_error
 from .sdxl import probe_added_conditions
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 DEFAULT_TEXT_LENGTH = 77
+_APPLIED_MARK = "_reslora_adapter_applied"  # set on a model while an adapter is installed in it
 
 
 class AdapterMismatchError(ValueError):
@@ -270,6 +271,17 @@ def _patch_unet(adapter: ResLoRAAdapter, unet: nn.Module, targets: dict, tracker
         processors[key] = ResLoRAAttnProcessor(blocks) if blocks else processor
     unet.set_attn_processor(processors)
     adapter._undo.append(lambda: unet.set_attn_processor(original))
+    attentions = [unet.get_submodule(path) for path in by_attention]
+    installed = {path: (attention, attention.processor) for path, attention in zip(by_attention, attentions)}
+
+    def check_processors(_module, _args):
+        # diffusers swaps processors in many places (slicing, fused QKV, xformers, IP-Adapter): refuse to run without ours.
+        for path, (attention, processor) in installed.items():
+            if attention.processor is not processor:
+                raise replaced_processor_error(path, attention.processor)
+
+    handle = unet.register_forward_pre_hook(check_processors)
+    adapter._undo.append(handle.remove)
 
 
 def _patch_text_encoder(adapter: ResLoRAAdapter, targets: dict, tracker: ForwardPassTracker) -> None:
@@ -307,6 +319,12 @@ def apply_reslora(
     probe must agree with it, else `AdapterMismatchError`. Call this after moving the base to its device
     and dtype: blocks are created in fp32 beside their layer, and `model.to(dtype)` later would cast them.
     """
+    for model in (unet, text_encoder, text_encoder_2):
+        if getattr(model, _APPLIED_MARK, False):
+            raise RuntimeError(
+                f"this {type(model).__name__} already carries a ResLoRA adapter: call .remove() on that adapter "
+                "before applying another one (a second adapter would silently replace the first one's blocks)"
+            )
     adapter = ResLoRAAdapter(config, unet, text_encoder, text_encoder_2)
     unet_targets = _unet_targets(unet, config.unet_targets)
     encoders = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
@@ -335,7 +353,7 @@ def apply_reslora(
         _check_saved_chains(adapter.chains, chains)
     for model in (unet, text_encoder, text_encoder_2):
         if model is not None:
-            model.requires_grad_(False)
+            _freeze(model, adapter._undo)
 
     # Blocks are created in execution order, so `adapter.blocks` iterates in that order.
     if "unet" in probed:
@@ -370,6 +388,20 @@ def _cross_attention_key_value(unet: nn.Module, targets: dict[str, tuple[str, st
         for name, (path, target, _linear) in targets.items()
         if target in ("to_k", "to_v") and getattr(unet.get_submodule(path), "is_cross_attention", False)
     }
+
+
+def _freeze(model: nn.Module, undo: list) -> None:
+    """Freezes the model and marks it adapted; the undo restores each parameter's `requires_grad` as found."""
+    found = [(p, p.requires_grad) for p in model.parameters()]
+    model.requires_grad_(False)
+    setattr(model, _APPLIED_MARK, True)
+
+    def restore():
+        for parameter, requires_grad in found:
+            parameter.requires_grad_(requires_grad)
+        delattr(model, _APPLIED_MARK)
+
+    undo.append(restore)
 
 
 def _check_saved_chains(probed: dict[str, list[list[str]]], saved: dict[str, list[list[str]]]) -> None:

@@ -16,6 +16,33 @@ from torch import nn
 from .blocks import ResLoRABlock
 
 
+# What installs diffusers' processors, so the error names the call that replaced ours.
+_INSTALLED_BY = {
+    "SlicedAttnProcessor": "unet.set_attention_slice() / pipe.enable_attention_slicing()",
+    "SlicedAttnAddedKVProcessor": "unet.set_attention_slice() / pipe.enable_attention_slicing()",
+    "FusedAttnProcessor2_0": "unet.fuse_qkv_projections() / pipe.fuse_qkv_projections()",
+    "XFormersAttnProcessor": "enable_xformers_memory_efficient_attention()",
+    "IPAdapterAttnProcessor2_0": "pipe.load_ip_adapter()",
+    "IPAdapterAttnProcessor": "pipe.load_ip_adapter()",
+}
+
+
+class ProcessorsReplacedError(RuntimeError):
+    """The UNet's ResLoRA processors were swapped out: running on would silently drop the adapter."""
+
+
+def replaced_processor_error(attention_path: str, processor: object) -> ProcessorsReplacedError:
+    kind = type(processor).__name__
+    by = _INSTALLED_BY.get(kind, "unet.set_attn_processor() / set_default_attn_processor() or a pipeline method calling it")
+    return ProcessorsReplacedError(
+        f"the UNet's ResLoRA attention processors were replaced ({attention_path} now runs {kind}, installed by "
+        f"{by}), so the adapter would silently not run. Attention slicing, fused QKV projections, xformers and "
+        "other processors cannot run an unmerged ResLoRA adapter (its processor already uses PyTorch's "
+        "memory-efficient scaled_dot_product_attention). Call adapter.remove() before swapping processors and "
+        "apply the adapter again afterwards, or bake it into the base first (reslora_diffusers.merge.merge_into_base)."
+    )
+
+
 def _module_key(target: str) -> str:
     # ModuleDict keys may not contain "."; "to_out.0" becomes "to_out_0".
     return target.replace(".", "_")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0, XFormersAttnProcessor
 from peft import LoraConfig
 
 from reslora_diffusers import AdapterMismatchError, ResLoRAConfig, apply_reslora, load_adapter, save_adapter
@@ -429,3 +430,63 @@ def test_scale_half_gives_the_midpoint_of_base_and_adapted_weights(res_type):
     torch.testing.assert_close(via_call, got_unet, rtol=0, atol=0)
     torch.testing.assert_close(doubled, full, rtol=1e-6, atol=1e-6)
     assert (got_unet - full).abs().max() > 1e-3
+
+
+SWAPS = {
+    "set_attention_slice": (lambda unet: unet.set_attention_slice("auto"), "set_attention_slice"),
+    "fuse_qkv_projections": (lambda unet: unet.fuse_qkv_projections(), "fuse_qkv_projections"),
+    "set_attn_processor": (lambda unet: unet.set_attn_processor(AttnProcessor2_0()), "set_attn_processor"),
+    # What enable_xformers_memory_efficient_attention() installs when xformers is there (it is not, in CI).
+    "xformers": (
+        lambda unet: [m.set_processor(XFormersAttnProcessor()) for m in unet.modules() if isinstance(m, Attention)],
+        "enable_xformers_memory_efficient_attention",
+    ),
+}
+
+
+@pytest.mark.parametrize("swap", SWAPS)
+def test_a_unet_whose_processors_were_swapped_refuses_to_run_without_the_adapter(swap):
+    unet = tiny_unet()
+    adapter = apply_reslora(unet, ResLoRAConfig(res_type="is", rank=4))
+    perturb_adapter(adapter)
+    inputs = unet_inputs()
+    with torch.no_grad():
+        adapted = run_unet(unet, inputs)
+        call, named = SWAPS[swap]
+        call(unet)
+        with pytest.raises(RuntimeError, match=f"processors were replaced .*{named}.*adapter.remove()"):
+            run_unet(unet, inputs)
+        blocks = dict(adapter.blocks)
+        adapter.remove()  # the documented way out: the base runs again, and the adapter can be applied again
+        again = apply_reslora(unet, ResLoRAConfig(res_type="is", rank=4))
+        for name, block in again.blocks.items():
+            block.lora_A.copy_(blocks[name].lora_A), block.lora_B.copy_(blocks[name].lora_B)
+        torch.testing.assert_close(run_unet(unet, inputs), adapted, rtol=0, atol=0)
+
+
+def test_a_second_adapter_on_the_same_models_is_refused_and_the_first_keeps_working():
+    unet, text_encoder = tiny_unet(), tiny_text_encoder()
+    adapter = apply_reslora(unet, ResLoRAConfig(res_type="is", rank=4), text_encoder)
+    perturb_adapter(adapter)
+    with torch.no_grad():
+        expected = run_unet(unet), run_text_encoder(text_encoder)
+    for second in ((unet, None), (tiny_unet(), text_encoder)):
+        with pytest.raises(RuntimeError, match=r"already carries a ResLoRA adapter: call \.remove\(\)"):
+            apply_reslora(second[0], ResLoRAConfig(res_type="bs", rank=2), text_encoder=second[1])
+    with torch.no_grad():
+        torch.testing.assert_close(run_unet(unet), expected[0], rtol=0, atol=0)
+        torch.testing.assert_close(run_text_encoder(text_encoder), expected[1], rtol=0, atol=0)
+    adapter.remove()
+    apply_reslora(unet, ResLoRAConfig(res_type="bs", rank=2), text_encoder)  # allowed once the first is removed
+
+
+def test_remove_restores_requires_grad_as_it_found_it():
+    unet, text_encoder = tiny_unet(), tiny_text_encoder()
+    text_encoder.requires_grad_(False)
+    unet.conv_in.requires_grad_(False)
+    before = {n: p.requires_grad for model in (unet, text_encoder) for n, p in model.named_parameters()}
+    adapter = apply_reslora(unet, ResLoRAConfig(res_type="ms", rank=4), text_encoder)
+    assert not any(p.requires_grad for n, p in unet.named_parameters() if "processor" not in n)
+    adapter.remove()
+    assert {n: p.requires_grad for model in (unet, text_encoder) for n, p in model.named_parameters()} == before
+    assert any(before.values()) and not all(before.values())
