@@ -227,16 +227,34 @@ def _checkpointing(model: nn.Module) -> bool:
     return False
 
 
+def _tensor_requiring_grad(output) -> torch.Tensor | None:
+    """The first tensor of a model output (tensor, tuple or ModelOutput dict) that backward will reach."""
+    if isinstance(output, torch.Tensor):
+        return output if output.requires_grad else None
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
+    return next((t for t in map(_tensor_requiring_grad, values) if t is not None), None)
+
+
 def _track_forward_passes(model: nn.Module, tracker: ForwardPassTracker, undo: list) -> None:
     def before(_module, _args, kwargs):
         # diffusers' LoRA strength: the UNet's forward pops it (for PEFT layers) before processors see it.
         call_kwargs = kwargs.get("cross_attention_kwargs") or {}
         tracker.begin_pass(call_kwargs.get("scale", 1.0))
 
-    def after(module, _args, _output):
-        # A gradient-checkpointing recompute still needs this pass's cached inputs during backward.
-        if not (torch.is_grad_enabled() and _checkpointing(module)):
+    def after(module, _args, output):
+        # A gradient-checkpointing recompute still needs this pass's cached inputs during backward:
+        # then they are released when that backward ends.
+        tensor = _tensor_requiring_grad(output) if _checkpointing(module) else None
+        if tensor is None:
             tracker.release_caches()
+            return
+        pass_id = tracker.pass_id
+
+        def release_after_backward(grad):
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: tracker.release_caches(pass_id))
+            return grad
+
+        tensor.register_hook(release_after_backward)
 
     handles = [model.register_forward_pre_hook(before, with_kwargs=True), model.register_forward_hook(after)]
     undo.append(lambda: [h.remove() for h in handles])

@@ -42,7 +42,10 @@ class ForwardPassTracker:
         self.call_scale = float(call_scale)
         self.release_caches()
 
-    def release_caches(self) -> None:
+    def release_caches(self, pass_id: int | None = None) -> None:
+        """Drops the cached shortcut inputs (only if they still belong to pass `pass_id`, when given)."""
+        if pass_id is not None and pass_id != self.pass_id:
+            return
         for block in self.blocks:
             block.cached = None
 
@@ -90,9 +93,9 @@ class ResLoRABlock(nn.Module):
         self.scale = 1.0
         self.tracker = tracker
         tracker.blocks.append(self)
-        # (pass id, tensor) that later blocks of the chain read in the same pass: the raw input for `is`,
-        # the down-projection A·x (rank r, much smaller than x) for `ms`.
-        self.cached: tuple[int, torch.Tensor] | None = None
+        # (pass id, tensor, grad mode) that later blocks of the chain read in the same pass: the raw input for
+        # `is`, the down-projection A·x (rank r, much smaller than x) for `ms`.
+        self.cached: tuple[int, torch.Tensor, bool] | None = None
         self._norm_pass_id = -1
 
     @property
@@ -122,7 +125,17 @@ class ResLoRABlock(nn.Module):
                 f"ResLoRA block {self.name} needs the input of {block.name} from the same forward pass, "
                 "but that block did not run before it; the chains do not match this model's execution order"
             )
-        tensor = entry[1]
+        _, tensor, written_with_grad = entry
+        if torch.is_grad_enabled() and not written_with_grad:
+            # Reentrant checkpointing ran the earlier block's segment under no_grad and recomputes this one
+            # first in backward: the shortcut would get no gradient into the earlier blocks (wrong, silently).
+            raise RuntimeError(
+                f"ResLoRA {self.res_type!r} shortcut {block.name} -> {self.name} crosses an activation-checkpoint "
+                "segment that ran without autograd: reentrant checkpointing (use_reentrant=True) cannot give its "
+                "gradient. Use non-reentrant checkpointing: torch.utils.checkpoint.checkpoint(..., use_reentrant=False), "
+                "diffusers' enable_gradient_checkpointing() default, transformers' "
+                "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})"
+            )
         if tensor.shape != shape:
             raise RuntimeError(
                 f"ResLoRA shortcut {block.name} -> {self.name}: shapes {tuple(tensor.shape)} and {tuple(shape)} differ "
@@ -211,7 +224,7 @@ class ResLoRABlock(nn.Module):
                 shortcut = F.linear(self.dropout(self._branch_dtype(previous_input)), self.lora_A)
                 hidden = hidden + (shortcut if self.shortcut_scale == 1 else self.shortcut_scale * shortcut)
             if self.feeds_later_blocks:
-                self.cached = (pass_id, x)
+                self.cached = (pass_id, x, torch.is_grad_enabled())
             out = F.linear(hidden, self.lora_B)
         elif self.res_type == "ms":
             own = F.linear(dropped, self.lora_A)
@@ -220,7 +233,7 @@ class ResLoRABlock(nn.Module):
                 earlier = sum(self._cached_from(block, own.shape) for block in self.previous)
                 hidden = hidden + (earlier if self.shortcut_scale == 1 else self.shortcut_scale * earlier)
             if self.feeds_later_blocks:
-                self.cached = (pass_id, own)
+                self.cached = (pass_id, own, torch.is_grad_enabled())
             out = F.linear(hidden, self.lora_B)
         else:
             out = F.linear(F.linear(dropped, self.lora_A), self.lora_B)

@@ -209,11 +209,43 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(res_type):
         loss.backward()
         # With checkpointing, blocks run again during backward: proof that the recompute really happened.
         assert (len(calls) > len(adapter.blocks)) == checkpointing
+        # The shortcut inputs kept for the recompute are released once backward is over.
+        assert all(block.cached is None for block in adapter.blocks.values())
         results.append((loss.detach(), [p.grad.clone() for p in adapter.trainable_parameters()]))
     (loss, grads), (ckpt_loss, ckpt_grads) = results
     torch.testing.assert_close(loss, ckpt_loss, rtol=1e-6, atol=1e-7)
     for grad, ckpt_grad in zip(grads, ckpt_grads):
         torch.testing.assert_close(grad, ckpt_grad, rtol=1e-5, atol=1e-7)
+
+
+def reentrant_checkpoint(module, *args):
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=True)
+
+
+@pytest.mark.parametrize("res_type", RES_TYPES)
+def test_reentrant_checkpointing_gives_the_reference_gradients_or_a_clear_error(res_type):
+    """`is` / `ms` shortcuts read an earlier block's input across checkpoint segments, which reentrant
+    checkpointing runs without autograd: refused at the first backward. `none` / `bs` are exact."""
+    results = []
+    for reentrant in (False, True):
+        unet, text_encoder = tiny_unet(), tiny_text_encoder()
+        adapter = apply_reslora(unet, ResLoRAConfig(res_type=res_type, pre_num=-1, rank=4), text_encoder)
+        perturb_adapter(adapter)
+        unet.train(), text_encoder.train()
+        if reentrant:
+            unet.enable_gradient_checkpointing(gradient_checkpointing_func=reentrant_checkpoint)
+            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        inputs = unet_inputs()
+        inputs["encoder_hidden_states"] = run_text_encoder(text_encoder)
+        loss = run_unet(unet, inputs).square().mean()
+        if reentrant and res_type in ("is", "ms"):
+            with pytest.raises(RuntimeError, match=r"reentrant checkpointing \(use_reentrant=True\) cannot give"):
+                loss.backward()
+            return
+        loss.backward()
+        results.append([p.grad.clone() for p in adapter.trainable_parameters()])
+    for grad, reentrant_grad in zip(*results):
+        torch.testing.assert_close(reentrant_grad, grad, rtol=1e-5, atol=1e-7)
 
 
 def test_chains_follow_execution_order_and_shapes_on_an_sd15_shaped_unet():
