@@ -522,3 +522,46 @@ def test_remove_restores_requires_grad_as_it_found_it():
     adapter.remove()
     assert {n: p.requires_grad for model in (unet, text_encoder) for n, p in model.named_parameters()} == before
     assert any(before.values()) and not all(before.values())
+
+
+def train_delta_lora(unet, config, steps, inputs, call_step=True, inplace_reference=False):
+    """Trains with AdamW; returns (losses, adapter). `inplace_reference` runs plain LoRA and moves the frozen
+    W in place after every step past K by λ·s·(B'A' − BA): the paper's Delta-LoRA, literally."""
+    adapter = apply_reslora(unet, dataclasses.replace(config, delta_lora_ratio=0.0) if inplace_reference else config)
+    optimizer = torch.optim.AdamW(adapter.trainable_parameters(), lr=2e-2)
+    last, losses = None, []
+    for step in range(1, steps + 1):
+        loss = run_unet(unet, inputs).float().square().mean()
+        loss.backward()
+        optimizer.step(), optimizer.zero_grad()
+        losses.append(loss.item())
+        if call_step:
+            adapter.step(step)
+        if inplace_reference and step >= config.delta_lora_start:
+            with torch.no_grad():
+                for name, block in adapter.blocks.items():
+                    if last is not None:
+                        change = block.scaling * (block.lora_B @ block.lora_A - last[name])
+                        adapter.base_layers[name].weight.add_(config.delta_lora_ratio * change)
+            last = {name: (block.lora_B @ block.lora_A).detach().clone() for name, block in adapter.blocks.items()}
+    return losses, adapter
+
+
+DELTA = ResLoRAConfig(res_type="none", rank=4, lora_alpha=8, delta_lora_ratio=2.0, delta_lora_start=2)
+
+
+@pytest.mark.parametrize("call_step", [True, False], ids=["with_step", "step_forgotten"])
+def test_delta_lora_equals_the_in_place_weight_move(call_step):
+    """Same losses, factors and outputs as moving W in place; forgetting `adapter.step()` changes nothing."""
+    inputs = unet_inputs()
+    ref_losses, reference = train_delta_lora(tiny_unet(), DELTA, 6, inputs, inplace_reference=True)
+    losses, adapter = train_delta_lora(tiny_unet(), DELTA, 6, inputs, call_step=call_step)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-7)
+    for name, block in adapter.blocks.items():
+        torch.testing.assert_close(block.lora_A, reference.blocks[name].lora_A, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(block.lora_B, reference.blocks[name].lora_B, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(run_unet(adapter.unet, inputs), run_unet(reference.unet, inputs), rtol=1e-5, atol=1e-6)
+    # Delta-LoRA really differs from plain LoRA here.
+    lora_losses, _ = train_delta_lora(tiny_unet(), dataclasses.replace(DELTA, delta_lora_ratio=0.0), 6, inputs)
+    assert abs(lora_losses[-1] - losses[-1]) > 1e-3 * abs(losses[-1])
