@@ -232,7 +232,7 @@ def parse_args(argv=None):
     parser.add_argument("--pre_num", type=int, default=-1, help="How many previous blocks a shortcut reaches (-1: all).")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank of every adapter block.")
     parser.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha; the branch is scaled by alpha / rank. Default: the rank.")
-    parser.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA branch input.")
+    parser.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA branch input (must be 0 with --delta_lora_ratio > 0).")
     parser.add_argument("--train_text_encoder", action="store_true", help="Also train adapters on the CLIP text encoder's attention.")
     parser.add_argument(
         "--delta_lora_ratio", type=float, default=0.0, help="Delta-LoRA lambda (0: off); needs --res_type none."
@@ -750,10 +750,8 @@ def main(argv=None):
     if resume_from is not None and (error := resume_error(resume_from, CHECKPOINT_MARKER, run_settings(args))):
         exit_with_error(error)  # again, now that the default resolution is known
 
-    # The frozen base runs in the mixed-precision dtype (the adapters stay fp32). With Delta-LoRA the base
-    # weights move by small steps every update, which a 16-bit weight would round away: they stay fp32.
+    # The frozen base runs in the mixed-precision dtype (the adapters stay fp32; Delta-LoRA never writes W).
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    base_dtype = torch.float32 if args.adapter_config.delta_lora else weight_dtype
     # SDXL's VAE overflows to NaN in fp16 (diffusers' SDXL scripts keep it in fp32 unless a fixed VAE is given).
     vae_dtype = weight_dtype
     if sdxl is not None and weight_dtype == torch.float16 and args.pretrained_vae_model_name_or_path is None:
@@ -761,9 +759,9 @@ def main(argv=None):
         logger.info("SDXL: the VAE runs in fp32 (its fp16 activations overflow); --pretrained_vae_model_name_or_path takes a fixed VAE")
     vae.requires_grad_(False)
     vae.to(accelerator.device, dtype=vae_dtype)
-    unet.to(accelerator.device, dtype=base_dtype)
+    unet.to(accelerator.device, dtype=weight_dtype)
     for model in text_encoders:
-        model.to(accelerator.device, dtype=base_dtype)
+        model.to(accelerator.device, dtype=weight_dtype)
         model.requires_grad_(False)
 
     # Add the adapter blocks (fp32) to the UNet attention projections (and the text encoders'); the base stays frozen.
@@ -864,8 +862,7 @@ def main(argv=None):
             metadata, tensors = read_adapter(checkpoint_dir)
             if metadata["config"] != adapter.config.to_dict():
                 raise ValueError(f"it was trained with other adapter settings ({metadata['config']}); pass the same flags to resume")
-            # The base is fresh from disk here, so Delta-LoRA's moved weights are rebuilt exactly once.
-            adapter.load_state_dict(tensors, move_delta_lora_weights=True)
+            adapter.load_state_dict(tensors)
         except (ValueError, FileNotFoundError) as error:  # AdapterMismatchError is a ValueError
             exit_with_error(f"cannot resume from {checkpoint_dir}: {error}")
 
@@ -1021,7 +1018,7 @@ def main(argv=None):
                 # Checks if the accelerator has performed an optimization step behind the scenes
                 if accelerator.sync_gradients:
                     global_step += 1
-                    adapter.step(global_step)  # Delta-LoRA moves the frozen weights here
+                    adapter.step(global_step)  # Delta-LoRA's step count follows global_step (also after a resume)
                     progress_bar.update(1)
                     seconds = time.time() - start_time
                     record = {
@@ -1103,7 +1100,7 @@ def main(argv=None):
             "final_loss": final_loss,
             "num_processes": accelerator.num_processes,
             "mixed_precision": accelerator.mixed_precision,
-            "base_dtype": str(base_dtype),
+            "base_dtype": str(weight_dtype),
             "adapter_dtypes": adapter_dtypes,
             "replica_max_difference": replica_difference,
             "merge": merge,

@@ -362,9 +362,4 @@ class Comparer:
         try:
             yield adapter
         finally:
-            if adapter.delta_lora is not None:
-                # load_adapter moved the frozen weights to Delta-LoRA's W_T; the next image needs the base W_0.
-                with torch.no_grad():
-                    for name, layer in adapter.base_layers.items():
-                        layer.weight.sub_(adapter.delta_lora.total_weight_change(name).to(layer.weight.dtype))
-            adapter.remove()
+            adapter.remove()  # the base weights are untouched (Delta-LoRA too): the next image starts from W_0

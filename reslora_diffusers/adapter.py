@@ -183,11 +183,8 @@ class ResLoRAAdapter:
         return tensors
 
     @torch.no_grad()
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], move_delta_lora_weights: bool = True) -> None:
-        """Loads tensors from `state_dict()`; checks that every block's tensors are there with the right shapes.
-
-        With Delta-LoRA, `move_delta_lora_weights` brings the frozen weights of a fresh base model to W_T.
-        """
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Loads tensors from `state_dict()`; checks that every block's tensors are there with the right shapes."""
         for name, block in self.blocks.items():
             for attr in ("lora_A", "lora_B", "input_norms", "input_norm_count"):
                 key = f"{name}.{attr}"
@@ -203,16 +200,21 @@ class ResLoRAAdapter:
         if extra:
             raise AdapterMismatchError(f"the adapter has blocks this model lacks, e.g. {sorted(extra)[0]!r}")
         if self.delta_lora is not None:
-            self.delta_lora.restore(tensors, move_weights=move_delta_lora_weights)
+            self.delta_lora.restore(tensors)
 
     # -- training hooks -----------------------------------------------------------------------------
     def step(self, global_step: int) -> None:
-        """Call after every `optimizer.step()`: runs Delta-LoRA's weight move (nothing for other methods)."""
+        """Sets Delta-LoRA's optimizer-step count (nothing for other methods).
+
+        Optional: an optimizer-step hook already counts the steps of every optimizer holding the factors.
+        Call it after `optimizer.step()` when the count must follow yours (after a resume, with several
+        optimizers over the factors).
+        """
         if self.delta_lora is not None:
             self.delta_lora.step(global_step)
 
     def remove(self) -> None:
-        """Takes every block, processor and hook out again; the base model is as before (Delta-LoRA moves stay)."""
+        """Takes every block, processor and hook out again: the base model is as it was, bit for bit."""
         for undo in reversed(self._undo):
             undo()
         self._undo.clear()
@@ -392,8 +394,8 @@ def apply_reslora(
                 adapter.blocks[name].link([adapter.blocks[n] for n in earlier if n not in unlinked])
 
     if config.delta_lora:
-        weights = {name: layer.weight for name, layer in adapter.base_layers.items()}
-        adapter.delta_lora = DeltaLoRA(adapter.blocks, weights, config.delta_lora_ratio, config.delta_lora_start)
+        adapter.delta_lora = DeltaLoRA(dict(adapter.blocks), config.delta_lora_ratio, config.delta_lora_start)
+        adapter._undo.append(adapter.delta_lora.remove)
     return adapter
 
 

@@ -12,6 +12,8 @@ caller (the UNet attention processor or the text-encoder hook) adds it to the fr
 
 γ = `shortcut_scale` (SPEC §3, merge-aware training): 1 normally; shortcut annealing takes it to 0, where
 every block is plain LoRA and merges exactly.
+
+Delta-LoRA (`none` only, after step K) adds λ·s·(sg(B A) − B_K A_K) x: the frozen weight's move (delta_lora.py).
 """
 
 from __future__ import annotations
@@ -91,6 +93,9 @@ class ResLoRABlock(nn.Module):
         self.shortcut_scale = 1.0
         # The adapter strength (`ResLoRAAdapter.set_scale`): multiplies the whole added branch.
         self.scale = 1.0
+        # Delta-LoRA: λ and the factors (B_K, A_K) at step K, set by delta_lora.DeltaLoRA once K is reached.
+        self.delta_lora_ratio = 0.0
+        self.delta_lora_start: tuple[torch.Tensor, torch.Tensor] | None = None
         self.tracker = tracker
         tracker.blocks.append(self)
         # (pass id, tensor, grad mode) that later blocks of the chain read in the same pass: the raw input for
@@ -189,7 +194,16 @@ class ResLoRABlock(nn.Module):
         if self.has_shortcut:
             raise ValueError(f"{self.name}: res_type {self.res_type!r} has no exact weight change; use merge_adapter")
         up, down = self.chain_factors()
+        if self.delta_lora_start is not None:
+            delta_up, delta_down = self._delta_lora_factors()
+            up, down = torch.cat([up, delta_up], dim=1), torch.cat([down, delta_down], dim=0)
         return self.scaling * (up @ down)
+
+    def _delta_lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U, D) with U·D = λ·(B A − B_K A_K), detached: Delta-LoRA's weight move since step K over s, rank 2r."""
+        start_up, start_down = self.delta_lora_start
+        up = torch.cat([self.lora_B.detach(), -start_up], dim=1) * self.delta_lora_ratio
+        return up, torch.cat([self.lora_A.detach(), start_down], dim=0)
 
     def _branch_dtype(self, x: torch.Tensor) -> torch.Tensor:
         # Under autocast the matmuls pick their own dtype: casting x to fp32 here would only add a full-size copy.
@@ -237,6 +251,11 @@ class ResLoRABlock(nn.Module):
             out = F.linear(hidden, self.lora_B)
         else:
             out = F.linear(F.linear(dropped, self.lora_A), self.lora_B)
+            if self.delta_lora_start is not None:
+                # Detached factors: the stop-gradient (W gets no gradient, so neither does its move); the
+                # gradient still flows through x, as through a moved W. Autograd keeps only the factors.
+                up, down = self._delta_lora_factors()
+                out = out + F.linear(F.linear(dropped, down), up)
         return (out * (self.scaling * self.strength)).to(x.dtype)
 
 

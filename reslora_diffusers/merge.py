@@ -53,6 +53,26 @@ def _shortcut_blocks(adapter: ResLoRAAdapter) -> Iterator[tuple[str, ResLoRABloc
             yield name, block
 
 
+def _reads_the_text_embedding(adapter: ResLoRAAdapter, name: str) -> bool:
+    """Cross-attention `to_k` / `to_v` read `encoder_hidden_states` itself: every block of such a chain sees the
+    same tensor, so x_{n-k} = x_n exactly and α = 1 is exact (an estimator would only add noise)."""
+    component, path = name.split(".", 1)
+    attention_path, _, target = path.rpartition(".")
+    if component != "unet" or target not in ("to_k", "to_v"):
+        return False
+    attention = adapter.unet.get_submodule(attention_path)
+    return bool(getattr(attention, "is_cross_attention", False)) and not getattr(attention, "norm_cross", None)
+
+
+def _exact_shared_input_alphas(adapter: ResLoRAAdapter, alphas: Alphas) -> Alphas:
+    """α = 1 for every shortcut whose blocks all read the text embedding (see `_reads_the_text_embedding`)."""
+    out = dict(alphas)
+    for name, block in _shortcut_blocks(adapter):
+        if all(_reads_the_text_embedding(adapter, b.name) for b in (block, *block.previous)):
+            out[name] = [1.0] * len(block.previous)
+    return out
+
+
 def input_based_alphas(adapter: ResLoRAAdapter) -> Alphas:
     """α*_{n,k} = f_{n-k} / f_n, f = mean Frobenius norm of the block's input over the training window."""
     alphas = {}
@@ -203,6 +223,7 @@ def merge_adapter(
     else:
         stats = collect_layer_statistics(adapter, calibration)
         alphas = stats.joint_alphas()
+    alphas = _exact_shared_input_alphas(adapter, alphas)
     factors = {name: _block_factors(adapter, name, alphas.get(name)) for name in adapter.blocks}
     if method in ("lstsq_joint", "calibrated"):
         joint = {name: alpha_merged_down(block, alphas[name]) for name, block in stats.blocks.items()}
@@ -218,17 +239,8 @@ def merge_adapter(
 
 # -- applying merged factors to the base weights -------------------------------------------------------
 def weight_updates(adapter: ResLoRAAdapter, factors: dict[str, LoRAFactors]) -> dict[str, torch.Tensor]:
-    """What to add to each base weight *as it is now* to get the merged model (fp32).
-
-    The factors are relative to the original base W_0; Delta-LoRA has already moved W in place.
-    """
-    updates = {}
-    for name, f in factors.items():
-        update = lora_delta(f).to(adapter.base_layers[name].weight.device)
-        if adapter.delta_lora is not None:
-            update = update - adapter.delta_lora.total_weight_change(name).to(update.device)
-        updates[name] = update
-    return updates
+    """What to add to each base weight to get the merged model (fp32); the base is never moved (Delta-LoRA too)."""
+    return {name: lora_delta(f).to(adapter.base_layers[name].weight.device) for name, f in factors.items()}
 
 
 @contextlib.contextmanager

@@ -16,7 +16,8 @@ from peft import LoraConfig
 
 from reslora_diffusers import AdapterMismatchError, ResLoRAConfig, apply_reslora, load_adapter, save_adapter
 from reslora_diffusers import blocks
-from reslora_diffusers.merge import baked_weights, merge_adapter
+from reslora_diffusers.formats import lora_delta
+from reslora_diffusers.merge import baked_weights, merge_adapter, relative_error
 from reslora_diffusers.processor import ResLoRAAttnProcessor
 from tiny_models import (
     perturb_adapter,
@@ -373,33 +374,6 @@ def test_config_validates_and_round_trips(bad, match):
         ResLoRAConfig.from_dict({"res_typ": "is"})
 
 
-def test_delta_lora_moves_w_by_the_change_of_the_product_after_step_k():
-    ratio, start, extra_steps = 0.5, 3, 4
-    unet = tiny_unet()
-    config = ResLoRAConfig(res_type="none", rank=4, lora_alpha=8, delta_lora_ratio=ratio, delta_lora_start=start)
-    adapter = apply_reslora(unet, config)
-    weights = {name: layer.weight for name, layer in adapter.base_layers.items()}
-    initial = {name: w.detach().clone() for name, w in weights.items()}
-    optimizer = torch.optim.AdamW(adapter.trainable_parameters(), lr=1e-2)
-    assert not any(w is p for w in weights.values() for group in optimizer.param_groups for p in group["params"])
-    inputs = unet_inputs()
-    factors_at_k = None
-    for step in range(1, start + extra_steps + 1):
-        run_unet(unet, inputs).square().mean().backward()
-        optimizer.step(), optimizer.zero_grad()
-        adapter.step(step)
-        if step <= start:
-            assert all(torch.equal(w, initial[n]) for n, w in weights.items())
-        if step == start:
-            factors_at_k = {n: (b.lora_B.detach().clone(), b.lora_A.detach().clone()) for n, b in adapter.blocks.items()}
-    for name, block in adapter.blocks.items():
-        assert weights[name].grad is None and not weights[name].requires_grad
-        up_k, down_k = factors_at_k[name]
-        expected = ratio * config.scaling * (block.lora_B @ block.lora_A - up_k @ down_k)
-        torch.testing.assert_close(weights[name] - initial[name], expected.detach(), rtol=1e-4, atol=1e-6)
-    assert max((weights[n] - initial[n]).abs().max() for n in weights) > 1e-5
-
-
 def test_delta_lora_adapter_reloads_onto_a_fresh_base(tmp_path):
     unet = tiny_unet()
     adapter = apply_reslora(unet, ResLoRAConfig(res_type="none", rank=4, delta_lora_ratio=2.0, delta_lora_start=1))
@@ -552,16 +526,63 @@ DELTA = ResLoRAConfig(res_type="none", rank=4, lora_alpha=8, delta_lora_ratio=2.
 
 @pytest.mark.parametrize("call_step", [True, False], ids=["with_step", "step_forgotten"])
 def test_delta_lora_equals_the_in_place_weight_move(call_step):
-    """Same losses, factors and outputs as moving W in place; forgetting `adapter.step()` changes nothing."""
+    """Same losses, factors and outputs over 6 steps as moving W in place; forgetting `adapter.step()` changes nothing."""
     inputs = unet_inputs()
     ref_losses, reference = train_delta_lora(tiny_unet(), DELTA, 6, inputs, inplace_reference=True)
     losses, adapter = train_delta_lora(tiny_unet(), DELTA, 6, inputs, call_step=call_step)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-7)
     for name, block in adapter.blocks.items():
-        torch.testing.assert_close(block.lora_A, reference.blocks[name].lora_A, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(block.lora_B, reference.blocks[name].lora_B, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(block.lora_A, reference.blocks[name].lora_A, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(block.lora_B, reference.blocks[name].lora_B, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
-        torch.testing.assert_close(run_unet(adapter.unet, inputs), run_unet(reference.unet, inputs), rtol=1e-5, atol=1e-6)
+        assert relative_error(run_unet(adapter.unet, inputs), run_unet(reference.unet, inputs)) < 1e-4
     # Delta-LoRA really differs from plain LoRA here.
     lora_losses, _ = train_delta_lora(tiny_unet(), dataclasses.replace(DELTA, delta_lora_ratio=0.0), 6, inputs)
     assert abs(lora_losses[-1] - losses[-1]) > 1e-3 * abs(losses[-1])
+
+
+def test_delta_lora_on_a_bf16_base_matches_fp32_exports_exactly_and_never_writes_the_base():
+    """Delta-LoRA's per-step moves of W are below a bf16 weight's resolution; the model must keep them all."""
+    steps, inputs = 16, unet_inputs()
+    config = dataclasses.replace(DELTA, delta_lora_start=2, delta_lora_ratio=4.0)
+    unet = tiny_unet()
+    adapter = apply_reslora(unet, config)
+    initial = {name: (b.lora_A.detach().clone(), b.lora_B.detach().clone()) for name, b in adapter.blocks.items()}
+    optimizer = torch.optim.AdamW(adapter.trainable_parameters(), lr=3e-4)
+    history = []
+    for step in range(1, steps + 1):
+        run_unet(unet, inputs).square().mean().backward()
+        optimizer.step(), optimizer.zero_grad()
+        adapter.step(step)
+        history.append({name: (b.lora_A.detach().clone(), b.lora_B.detach().clone()) for name, b in adapter.blocks.items()})
+    # The same factor trajectory on a bf16 base (written as an optimizer would), with adapter.step after each step.
+    bf16_unet = tiny_unet(dtype=torch.bfloat16)
+    base = {name: tensor.clone() for name, tensor in bf16_unet.state_dict().items()}
+    bf16_adapter = apply_reslora(bf16_unet, config)
+    for step, factors in enumerate([initial, *history]):
+        with torch.no_grad():
+            for name, (down, up) in factors.items():
+                bf16_adapter.blocks[name].lora_A.copy_(down), bf16_adapter.blocks[name].lora_B.copy_(up)
+        if step:
+            bf16_adapter.step(step)
+    bf16_inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
+    plain_lora = tiny_unet()  # the final factors without Delta-LoRA's move of W
+    with torch.no_grad():
+        for name, block in adapter.blocks.items():
+            plain_lora.get_submodule(name.removeprefix("unet.")).weight.add_(block.scaling * block.lora_B @ block.lora_A)
+        expected, trained = run_unet(unet, inputs), run_unet(bf16_unet, bf16_inputs).float()
+        # What bf16 rounding alone does to the base's output (1.3 %); moving W in place in bf16 gave 1.8 %.
+        rounding = relative_error(run_unet(tiny_unet(dtype=torch.bfloat16), bf16_inputs).float(), run_unet(tiny_unet(), inputs))
+        assert relative_error(run_unet(plain_lora, inputs), expected) > 0.1  # the move matters (26 %)
+        assert relative_error(trained, expected) < 1.15 * rounding
+    # The rank-2r export on the untouched W_0 reproduces the trained model.
+    result = merge_adapter(bf16_adapter)
+    assert all(f.rank == 2 * config.rank for f in result.factors.values())
+    exported = tiny_unet()
+    with torch.no_grad():
+        for name, factors in result.factors.items():
+            exported.get_submodule(name.removeprefix("unet.")).weight.add_(lora_delta(factors))
+        assert relative_error(run_unet(exported, inputs), expected) < 1e-5
+        assert relative_error(run_unet(exported, inputs), trained) < 1.15 * rounding
+    bf16_adapter.remove()
+    assert all(torch.equal(tensor, base[name]) for name, tensor in bf16_unet.state_dict().items())
