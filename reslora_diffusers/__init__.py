@@ -18,6 +18,7 @@ _EXPORTS = {
     "load_adapter": "io",
     "save_adapter": "io",
     "ResLoRAAttnProcessor": "processor",
+    "ProcessorsReplacedError": "processor",
 }
 __all__ = sorted(_EXPORTS)
 

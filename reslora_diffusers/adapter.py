@@ -140,7 +140,7 @@ class ResLoRAAdapter:
         components = self.components()
         if component is not None and component not in components:
             raise ValueError(f"this adapter has no {component!r} blocks; its components are {components}")
-        for name, block in self.named_blocks(component):
+        for _, block in self.named_blocks(component):
             block.scale = scale
 
     @property

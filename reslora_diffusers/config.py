@@ -29,7 +29,7 @@ class ResLoRAConfig:
     )
     rank: int = field(default=8, metadata={"help": "LoRA rank r of every block."})
     lora_alpha: float = field(default=8.0, metadata={"help": "LoRA alpha; the branch is scaled by lora_alpha / rank."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch input (forced to 0 with Delta-LoRA)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch input (must be 0 with Delta-LoRA)."})
     unet_targets: tuple[str, ...] = field(
         default=DEFAULT_UNET_TARGETS,
         metadata={"help": "Attention projections of the UNet that get an adapter (names inside diffusers' Attention)."},
@@ -40,7 +40,7 @@ class ResLoRAConfig:
     )
     delta_lora_ratio: float = field(
         default=0.0,
-        metadata={"help": "Delta-LoRA lambda: after step K the frozen W moves by lambda * s * (B'A' - BA). 0 = off."},
+        metadata={"help": "Delta-LoRA lambda: after step K the model adds lambda * s * (BA - B_K A_K), W's move (W is never written). 0 = off."},
     )
     delta_lora_start: int = field(default=500, metadata={"help": "Delta-LoRA K: the optimizer step after which W starts moving."})
     input_norm_window: int = field(
