@@ -192,24 +192,39 @@ def count_block_calls(adapter):
     return calls
 
 
+def training_pass(res_type, enable_checkpointing=None):
+    """(adapter, loss, block calls) of one text encoder + UNet forward in training mode, checkpointed if asked."""
+    unet, text_encoder = tiny_unet(), tiny_text_encoder()
+    adapter = apply_reslora(unet, ResLoRAConfig(res_type=res_type, pre_num=-1, rank=4), text_encoder)
+    perturb_adapter(adapter)
+    unet.train(), text_encoder.train()
+    if enable_checkpointing is not None:
+        enable_checkpointing(unet, text_encoder)
+    calls = count_block_calls(adapter)
+    inputs = unet_inputs()
+    inputs["encoder_hidden_states"] = run_text_encoder(text_encoder)
+    return adapter, run_unet(unet, inputs).square().mean(), calls
+
+
+def non_reentrant(unet, text_encoder):
+    unet.enable_gradient_checkpointing()
+    text_encoder.activation_checkpointing_enable()
+
+
+def reentrant(unet, text_encoder):
+    checkpoint = lambda module, *args: torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=True)
+    unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint)
+    text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+
+
 @pytest.mark.parametrize("res_type", RES_TYPES)
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(res_type):
     results = []
-    for checkpointing in (False, True):
-        unet, text_encoder = tiny_unet(), tiny_text_encoder()
-        adapter = apply_reslora(unet, ResLoRAConfig(res_type=res_type, pre_num=-1, rank=4), text_encoder)
-        perturb_adapter(adapter)
-        unet.train(), text_encoder.train()
-        if checkpointing:
-            unet.enable_gradient_checkpointing()
-            text_encoder.activation_checkpointing_enable()
-        calls = count_block_calls(adapter)
-        inputs = unet_inputs()
-        inputs["encoder_hidden_states"] = run_text_encoder(text_encoder)
-        loss = run_unet(unet, inputs).square().mean()
+    for checkpointing in (None, non_reentrant):
+        adapter, loss, calls = training_pass(res_type, checkpointing)
         loss.backward()
         # With checkpointing, blocks run again during backward: proof that the recompute really happened.
-        assert (len(calls) > len(adapter.blocks)) == checkpointing
+        assert (len(calls) > len(adapter.blocks)) == (checkpointing is not None)
         # The shortcut inputs kept for the recompute are released once backward is over.
         assert all(block.cached is None for block in adapter.blocks.values())
         results.append((loss.detach(), [p.grad.clone() for p in adapter.trainable_parameters()]))
@@ -219,34 +234,22 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(res_type):
         torch.testing.assert_close(grad, ckpt_grad, rtol=1e-5, atol=1e-7)
 
 
-def reentrant_checkpoint(module, *args):
-    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=True)
-
-
 @pytest.mark.parametrize("res_type", RES_TYPES)
 def test_reentrant_checkpointing_gives_the_reference_gradients_or_a_clear_error(res_type):
     """`is` / `ms` shortcuts read an earlier block's input across checkpoint segments, which reentrant
     checkpointing runs without autograd: refused at the first backward. `none` / `bs` are exact."""
-    results = []
-    for reentrant in (False, True):
-        unet, text_encoder = tiny_unet(), tiny_text_encoder()
-        adapter = apply_reslora(unet, ResLoRAConfig(res_type=res_type, pre_num=-1, rank=4), text_encoder)
-        perturb_adapter(adapter)
-        unet.train(), text_encoder.train()
-        if reentrant:
-            unet.enable_gradient_checkpointing(gradient_checkpointing_func=reentrant_checkpoint)
-            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-        inputs = unet_inputs()
-        inputs["encoder_hidden_states"] = run_text_encoder(text_encoder)
-        loss = run_unet(unet, inputs).square().mean()
-        if reentrant and res_type in ("is", "ms"):
-            with pytest.raises(RuntimeError, match=r"reentrant checkpointing \(use_reentrant=True\) cannot give"):
-                loss.backward()
-            return
-        loss.backward()
-        results.append([p.grad.clone() for p in adapter.trainable_parameters()])
-    for grad, reentrant_grad in zip(*results):
-        torch.testing.assert_close(reentrant_grad, grad, rtol=1e-5, atol=1e-7)
+    adapter, loss, _ = training_pass(res_type)
+    loss.backward()
+    grads = [p.grad.clone() for p in adapter.trainable_parameters()]
+    adapter, loss, calls = training_pass(res_type, reentrant)
+    if res_type in ("is", "ms"):
+        with pytest.raises(RuntimeError, match=r"reentrant checkpointing \(use_reentrant=True\) cannot give"):
+            loss.backward()
+        return
+    loss.backward()
+    assert len(calls) > len(adapter.blocks)  # the reentrant recompute really happened
+    for grad, parameter in zip(grads, adapter.trainable_parameters()):
+        torch.testing.assert_close(parameter.grad, grad, rtol=1e-5, atol=1e-7)
 
 
 def test_chains_follow_execution_order_and_shapes_on_an_sd15_shaped_unet():
