@@ -185,7 +185,7 @@ def test_truncated_svd_is_the_best_low_rank_approximation():
 @pytest.mark.parametrize("res_type", ["is", "ms"])
 def test_cross_attention_keys_and_values_merge_with_alpha_exactly_one(res_type):
     """Every cross-attention to_k / to_v reads the same text embedding: x_{n-1} = x_n, so α = 1 is exact."""
-    adapter = trained_adapter(ResLoRAConfig(res_type=res_type, rank=4))
+    adapter = trained_adapter(ResLoRAConfig(res_type=res_type, rank=4, cross_attention_shortcuts=True))
 
     def calibration():
         run_pipeline_like(adapter.unet, adapter.text_encoder, 0)
