@@ -52,19 +52,14 @@ from reslora_diffusers.config import RES_TYPES
 from reslora_diffusers.formats import save_diffusers_lora, save_kohya_lora
 from reslora_diffusers.atomic import atomic_write, atomic_write_text, swap_in_folder
 from reslora_diffusers.cli import OneLineErrorParser, exit_with_error, first_line
+from reslora_diffusers.caption_folder import load_local_folder
+from reslora_diffusers.config_file import parse_with_config
+from reslora_diffusers.data_options import add_data_arguments, check_data_arguments
+from reslora_diffusers.data_pipeline import latent_distribution, training_data
 from reslora_diffusers.io import WEIGHTS_NAME, read_adapter
 from reslora_diffusers.merge import MERGE_METHODS, merge_adapter
 from reslora_diffusers.model_card import model_card
-from reslora_diffusers.training_data import (
-    INTERPOLATION_MODES,
-    DatasetError,
-    EpochShuffleSampler,
-    ImageCaptionDataset,
-    ImageTransform,
-    load_hub_dataset,
-    load_imagefolder,
-    subset,
-)
+from reslora_diffusers.training_data import INTERPOLATION_MODES, DatasetError, load_hub_dataset, subset
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -258,7 +253,9 @@ def parse_args(argv=None):
         help="How 'is' / 'ms' shortcuts are folded into the exported plain-LoRA files (exact for none / bs / Delta-LoRA).",
     )
 
-    args = parser.parse_args(argv)
+    add_data_arguments(parser)
+
+    args = parse_with_config(parser, argv)  # --config FILE, overridden by the command line
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_local_rank != -1:
         args.local_rank = env_local_rank
@@ -284,6 +281,7 @@ def parse_args(argv=None):
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         parser.error(f"--snr_gamma must be > 0, got {args.snr_gamma}")
+    check_data_arguments(args, parser.error)
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)
     try:
@@ -366,7 +364,7 @@ def load_examples(args):
             )
         else:
             folder = args.dataset_name if args.dataset_name is not None else args.train_data_dir
-            examples = load_imagefolder(folder, args.image_column, args.caption_column)
+            examples = load_local_folder(folder, args.image_column, args.caption_column, args.caption_source, args.missing_caption)
     except DatasetError as error:
         exit_with_error(str(error))
     if args.max_train_samples is not None and args.max_train_samples < len(examples):
@@ -621,31 +619,14 @@ def main(argv=None):
         eps=args.adam_epsilon,
     )
 
-    # The data: a new order every epoch, fixed by (seed, epoch), so a resumed run sees the same batches.
-    transform = ImageTransform(args.resolution, args.center_crop, args.random_flip, args.image_interpolation_mode)
-    train_dataset = ImageCaptionDataset(examples, transform, seed=args.seed)
-
-    def collate_fn(batch):
-        pixel_values = torch.stack([example["pixel_values"] for example in batch]).contiguous()
-        input_ids = tokenizer(
-            [example["caption"] for example in batch],
-            max_length=tokenizer.model_max_length,
-            padding="max_length",
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return {"pixel_values": pixel_values, "input_ids": input_ids}
-
-    sampler = EpochShuffleSampler(len(train_dataset), args.seed)
-    train_dataloader = torch.utils.data.DataLoader(
-        train_dataset,
-        sampler=sampler,
-        collate_fn=collate_fn,
-        batch_size=args.train_batch_size,
-        num_workers=args.dataloader_num_workers,
-        # Its own generator: creating an iterator then draws nothing from the global one that noise comes from.
-        generator=torch.Generator().manual_seed(args.seed),
-    )
+    # The data (caption files, buckets, caches: reslora_diffusers/data_pipeline.py); its order is fixed by
+    # (seed, epoch), so a resumed run sees the same batches.
+    try:
+        data = training_data(args, examples, tokenizer=tokenizer, vae=vae, text_encoder=text_encoder, unet=unet,
+                             accelerator=accelerator, weight_dtype=weight_dtype)
+    except DatasetError as error:
+        exit_with_error(str(error))
+    train_dataset, sampler, train_dataloader = data.dataset, data.sampler, data.dataloader
 
     # Scheduler and math around the number of training steps.
     batches_per_process = math.ceil(len(train_dataloader) / accelerator.num_processes)
@@ -706,6 +687,8 @@ def main(argv=None):
         output_dir.mkdir(parents=True, exist_ok=True)
         for leftover in output_dir.glob("checkpoint-*.tmp"):
             shutil.rmtree(leftover)  # a checkpoint a crash cut short; never complete, never resumed from
+        # The flags this run was started with (config file and command line merged): `--config` reads it back.
+        atomic_write_text(output_dir / "resolved_config.json", json.dumps(args.resolved_config, indent=2))
         tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("reslora-text2image", config=tracker_config)
         metrics = MetricsFile(output_dir / "metrics.jsonl", global_step)
@@ -754,7 +737,7 @@ def main(argv=None):
                 with accelerator.accumulate(*train_models):
                     # Convert images to latent space
                     with torch.no_grad():
-                        latents = vae.encode(batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)).latent_dist.sample()
+                        latents = latent_distribution(vae, batch, accelerator.device, weight_dtype).sample()
                     latents = latents * vae.config.scaling_factor
 
                     # Sample noise that we'll add to the latents
@@ -771,8 +754,11 @@ def main(argv=None):
                     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
 
                     # Get the text embedding for conditioning
-                    with torch.set_grad_enabled(args.train_text_encoder):
-                        encoder_hidden_states = text_encoder(batch["input_ids"].to(accelerator.device), return_dict=False)[0]
+                    if "encoder_hidden_states" in batch:  # --cache_text_embeddings
+                        encoder_hidden_states = batch["encoder_hidden_states"].to(accelerator.device)
+                    else:
+                        with torch.set_grad_enabled(args.train_text_encoder):
+                            encoder_hidden_states = text_encoder(batch["input_ids"].to(accelerator.device), return_dict=False)[0]
 
                     # Get the target for loss depending on the prediction type
                     if noise_scheduler.config.prediction_type == "epsilon":
@@ -918,6 +904,7 @@ def main(argv=None):
             validation_grids=grids,
             validation_prompts=list(args.validation_prompt),
             trained_text_encoder=args.train_text_encoder,
+            resolved_config=args.resolved_config,
         )
         atomic_write_text(output_dir / "README.md", card)
         if args.push_to_hub:

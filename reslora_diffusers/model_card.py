@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -38,6 +39,7 @@ def model_card(
     validation_grids: list[Path],
     validation_prompts: list[str],
     trained_text_encoder: bool,
+    resolved_config: dict | None = None,
 ) -> str:
     """The card's Markdown: what was trained on what, with which settings, and how to load each file."""
     kohya = _relative(kohya_file, output_dir)
@@ -75,6 +77,18 @@ def model_card(
         f"| rank / lora_alpha / dropout | {config.rank} / {config.lora_alpha:g} / {config.lora_dropout:g} |",
     ]
     lines += [f"| {key} | {value} |" for key, value in settings.items()]
+    if resolved_config is not None:
+        lines += [
+            "",
+            "<details><summary>Every flag of this run (<code>resolved_config.json</code>; rerun with "
+            "<code>--config resolved_config.json</code>)</summary>",
+            "",
+            "```json",
+            json.dumps(resolved_config, indent=2),
+            "```",
+            "",
+            "</details>",
+        ]
     lines += ["", "## Results", "", "| | |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in results.items()]
     if validation_grids:

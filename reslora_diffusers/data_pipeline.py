@@ -1,0 +1,103 @@
+"""From the training script's data flags to its data loader: transform, buckets, caption options, caches, batches.
+
+Raises `DatasetError` with a one-line message for settings that cannot work with this data and model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+from .buckets import BucketBatchSampler, BucketLayout
+from .data_cache import LatentCache, TextEmbeddingCache, module_fingerprint
+from .training_data import CaptionOptions, DatasetError, EpochShuffleSampler, Example, ImageCaptionDataset, ImageTransform
+
+
+@dataclass
+class TrainingData:
+    dataset: ImageCaptionDataset
+    sampler: EpochShuffleSampler | BucketBatchSampler  # both have set_epoch(epoch)
+    dataloader: torch.utils.data.DataLoader
+
+
+def bucket_layout(args, examples: list[Example], vae_scale_factor: int, unet_downsampling: int) -> BucketLayout:
+    """Each example's bucket; the step must keep latents divisible through every UNet downsampling."""
+    unit = vae_scale_factor * unet_downsampling
+    step = args.bucket_reso_steps or 8 * vae_scale_factor
+    if step % unit:
+        raise DatasetError(f"--bucket_reso_steps must be a multiple of {unit} (VAE factor × UNet downsampling), got {step}")
+    min_side = args.min_bucket_reso or max(step, args.resolution // 2 // step * step)
+    max_side = args.max_bucket_reso or max(step, args.resolution * 2 // step * step)
+    for name, value in (("--min_bucket_reso", min_side), ("--max_bucket_reso", max_side)):
+        if value % step:
+            raise DatasetError(f"{name} must be a multiple of the bucket step {step}, got {value}")
+    return BucketLayout.assign([example.size for example in examples], args.resolution, min_side, max_side, step)
+
+
+def caption_options(args) -> CaptionOptions:
+    return CaptionOptions(dropout_rate=args.caption_dropout_rate, shuffle=args.shuffle_caption, keep_tokens=args.keep_tokens)
+
+
+def latent_distribution(vae, batch: dict, device: torch.device, dtype: torch.dtype) -> DiagonalGaussianDistribution:
+    """The VAE posterior of a batch: from its cached parameters (`--cache_latents`) or by encoding its pixels."""
+    if "latent_parameters" in batch:
+        return DiagonalGaussianDistribution(batch["latent_parameters"].to(device, dtype=dtype))
+    return vae.encode(batch["pixel_values"].to(device, dtype=dtype)).latent_dist
+
+
+def training_data(args, examples: list[Example], *, tokenizer, vae, text_encoder, unet, accelerator, weight_dtype) -> TrainingData:
+    """The data set, its sampler and loader; with --enable_bucket prints the bucket histogram, with caching fills
+    the caches (the main process first when they are on disk, so the others read its files)."""
+    transform = ImageTransform(args.resolution, args.center_crop, args.random_flip, args.image_interpolation_mode)
+    layout = None
+    if args.enable_bucket:
+        vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        layout = bucket_layout(args, examples, vae_scale_factor, 2 ** (len(unet.config.block_out_channels) - 1))
+        accelerator.print(layout.report([e.repeats for e in examples], [e.name for e in examples]))
+    targets = layout.assigned if layout is not None else [(args.resolution, args.resolution)] * len(examples)
+    dataset = ImageCaptionDataset(examples, transform, seed=args.seed, targets=layout.assigned if layout else None, caption_options=caption_options(args))
+
+    def tokenize(captions: list[str]) -> torch.Tensor:
+        return tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt").input_ids
+
+    text_cache = None
+    on_disk = args.data_cache_dir is not None
+    show_progress = accelerator.is_local_main_process
+    with accelerator.main_process_first() if on_disk else contextlib.nullcontext(), torch.no_grad():
+        if args.cache_latents:
+            dataset.latent_cache = LatentCache.build(
+                examples, targets, transform,
+                encode=lambda pixels: vae.encode(pixels.to(accelerator.device, dtype=weight_dtype)).latent_dist.parameters,
+                fingerprint=module_fingerprint(vae) if on_disk else "", dtype=weight_dtype,
+                batch_size=args.train_batch_size, cache_dir=args.data_cache_dir, show_progress=show_progress,
+            )
+        if args.cache_text_embeddings:
+            captions = [caption for example in examples for caption in example.captions]
+            text_cache = TextEmbeddingCache.build(
+                captions + ([""] if args.caption_dropout_rate > 0 else []), tokenize,
+                encode=lambda ids: text_encoder(ids.to(accelerator.device), return_dict=False)[0],
+                fingerprint=module_fingerprint(text_encoder) if on_disk else "",
+                batch_size=args.train_batch_size, cache_dir=args.data_cache_dir, show_progress=show_progress,
+            )
+
+    def collate_fn(batch: list[dict]) -> dict:
+        key = "latent_parameters" if "latent_parameters" in batch[0] else "pixel_values"
+        captions = [example["caption"] for example in batch]
+        collated = {key: torch.stack([example[key] for example in batch]).contiguous(), "input_ids": tokenize(captions)}
+        if text_cache is not None:
+            collated["encoder_hidden_states"] = text_cache.stack(captions)
+        return collated
+
+    # Its own generator: creating an iterator then draws nothing from the global one that noise comes from.
+    loader_options = {"collate_fn": collate_fn, "num_workers": args.dataloader_num_workers, "generator": torch.Generator().manual_seed(args.seed)}
+    if layout is not None:
+        sampler = BucketBatchSampler(dataset.targets, args.train_batch_size, args.seed, accelerator.num_processes)
+        dataloader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **loader_options)
+    else:
+        # A new order every epoch, fixed by (seed, epoch), so a resumed run sees the same batches.
+        sampler = EpochShuffleSampler(len(dataset), args.seed)
+        dataloader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.train_batch_size, **loader_options)
+    return TrainingData(dataset, sampler, dataloader)
