@@ -12,7 +12,7 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from .buckets import BucketBatchSampler, BucketLayout
-from .data_cache import LatentCache, TextEmbeddingCache, module_fingerprint
+from .data_cache import LatentCache, TextEmbeddingCache, module_fingerprint, stack_entries
 from .training_data import CaptionOptions, DatasetError, EpochShuffleSampler, Example, ImageCaptionDataset, ImageTransform
 
 
@@ -84,9 +84,12 @@ def training_data(args, examples: list[Example], *, tokenizer, vae, text_encoder
             )
 
     def collate_fn(batch: list[dict]) -> dict:
-        key = "latent_parameters" if "latent_parameters" in batch[0] else "pixel_values"
         captions = [example["caption"] for example in batch]
-        collated = {key: torch.stack([example[key] for example in batch]).contiguous(), "input_ids": tokenize(captions)}
+        collated = {"input_ids": tokenize(captions)}
+        if "latent_parameters" in batch[0]:
+            collated["latent_parameters"] = stack_entries([example["latent_parameters"] for example in batch])
+        else:
+            collated["pixel_values"] = torch.stack([example["pixel_values"] for example in batch]).contiguous()
         if text_cache is not None:
             collated["encoder_hidden_states"] = text_cache.stack(captions)
         return collated
