@@ -25,8 +25,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write
@@ -59,19 +58,6 @@ def image_fingerprint(example: Example) -> str:
     return digest.hexdigest()
 
 
-def _channels_last(tensor: torch.Tensor) -> bool:
-    """Whether a C×H×W tensor is stored channel-fastest (as a VAE on the CPU returns its posterior)."""
-    return tensor.dim() == 3 and tensor.shape[0] > 1 and tensor.stride(0) == 1
-
-
-def stack_entries(entries: Sequence[torch.Tensor]) -> torch.Tensor:
-    """A batch of cached posteriors in the memory layout the VAE gave them: the training step's
-    `torch.randn_like(latents)` fills the noise in memory order, so the layout decides which noise value meets
-    which latent, and a cached run only repeats an uncached one if the layouts match."""
-    batch = torch.stack(list(entries))
-    return batch.contiguous(memory_format=torch.channels_last) if _channels_last(entries[0]) else batch.contiguous()
-
-
 def _key(*parts) -> str:
     return hashlib.blake2b(json.dumps(parts, default=str).encode(), digest_size=20).hexdigest()
 
@@ -87,18 +73,16 @@ class _EntryStore:
         if self.folder is None or not (self.folder / f"{key}.safetensors").is_file():
             return None
         try:
-            with safe_open(self.folder / f"{key}.safetensors", framework="pt") as file:
-                tensor, channels_last = file.get_tensor("value"), (file.metadata() or {}).get("channels_last") == "1"
+            tensor = load_file(self.folder / f"{key}.safetensors")["value"]
         except (OSError, SafetensorError, KeyError) as error:
             logger.warning("re-encoding an unreadable cache entry %s (%s)", key, error)
             return None
         self.read += 1
-        return tensor.permute(1, 2, 0).contiguous().permute(2, 0, 1) if channels_last else tensor
+        return tensor
 
     def save(self, key: str, tensor: torch.Tensor) -> None:
         if self.folder is not None:
-            metadata = {"channels_last": "1" if _channels_last(tensor) else "0"}
-            atomic_write(self.folder / f"{key}.safetensors", lambda tmp: save_file({"value": tensor.contiguous()}, tmp, metadata))
+            atomic_write(self.folder / f"{key}.safetensors", lambda tmp: save_file({"value": tensor.contiguous()}, tmp))
 
 
 def _encode_missing(

@@ -12,7 +12,7 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from .buckets import BucketBatchSampler, BucketLayout
-from .data_cache import LatentCache, TextEmbeddingCache, module_fingerprint, stack_entries
+from .data_cache import LatentCache, TextEmbeddingCache, module_fingerprint
 from .training_data import CaptionOptions, DatasetError, EpochShuffleSampler, Example, ImageCaptionDataset, ImageTransform
 
 
@@ -42,10 +42,16 @@ def caption_options(args) -> CaptionOptions:
 
 
 def latent_distribution(vae, batch: dict, device: torch.device, dtype: torch.dtype) -> DiagonalGaussianDistribution:
-    """The VAE posterior of a batch: from its cached parameters (`--cache_latents`) or by encoding its pixels."""
+    """The VAE posterior of a batch: from its cached parameters (`--cache_latents`) or by encoding its pixels.
+
+    Always in the contiguous layout: `torch.randn_like(latents)` fills the noise in memory order, and a VAE on the
+    CPU returns channels-last tensors (for some shapes), so the layout would decide which noise meets which latent
+    and a cached run would not repeat an uncached one."""
     if "latent_parameters" in batch:
-        return DiagonalGaussianDistribution(batch["latent_parameters"].to(device, dtype=dtype))
-    return vae.encode(batch["pixel_values"].to(device, dtype=dtype)).latent_dist
+        parameters = batch["latent_parameters"].to(device, dtype=dtype)
+    else:
+        parameters = vae.encode(batch["pixel_values"].to(device, dtype=dtype)).latent_dist.parameters
+    return DiagonalGaussianDistribution(parameters.contiguous())
 
 
 def training_data(args, examples: list[Example], *, tokenizer, vae, text_encoder, unet, accelerator, weight_dtype) -> TrainingData:
@@ -87,7 +93,7 @@ def training_data(args, examples: list[Example], *, tokenizer, vae, text_encoder
         captions = [example["caption"] for example in batch]
         collated = {"input_ids": tokenize(captions)}
         if "latent_parameters" in batch[0]:
-            collated["latent_parameters"] = stack_entries([example["latent_parameters"] for example in batch])
+            collated["latent_parameters"] = torch.stack([example["latent_parameters"] for example in batch])
         else:
             collated["pixel_values"] = torch.stack([example["pixel_values"] for example in batch]).contiguous()
         if text_cache is not None:

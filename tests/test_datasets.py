@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -193,31 +194,23 @@ def test_kohya_folder_with_repeats_and_two_aspect_ratios_trains(tiny, tmp_path):
     assert '"caption_dropout_rate": 0.2' in (out / "README.md").read_text()
 
 
-def test_bucketed_run_resumes_exactly(tiny, tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    flags = ["--checkpointing_steps", "3", "--lr_scheduler", "constant", "--random_flip"]
-    check(run(kohya_args(tiny, straight, *flags, "--max_train_steps", "8")))
-    check(run(kohya_args(tiny, resumed, *flags, "--max_train_steps", "3")))
-    check(run(kohya_args(tiny, resumed, *flags, "--max_train_steps", "8", "--resume_from_checkpoint", "latest")))
-    np.testing.assert_allclose(losses(resumed), losses(straight), rtol=1e-5)
-
-
-def test_cached_and_uncached_runs_give_the_same_losses(tiny, tmp_path):
-    """Same seed, no flips: caching the VAE posterior and the text embeddings changes nothing but the cost."""
-    flags = ["--center_crop", "--max_train_steps", "6", "--lr_scheduler", "constant"]
+def test_cached_run_and_resumed_cached_run_repeat_an_uncached_run(tiny, tmp_path):
+    """Same seed, no flips: caching the VAE posterior and the text embeddings changes nothing but the cost, and a
+    bucketed run stopped after 3 steps and resumed (across an epoch end) gives the same losses as a straight one."""
+    flags = ["--center_crop", "--lr_scheduler", "constant", "--checkpointing_steps", "3"]
     plain, cached = tmp_path / "plain", tmp_path / "cached"
-    check(run(kohya_args(tiny, plain, *flags)))
-    result = check(run(kohya_args(tiny, cached, *flags, "--cache_latents", "--cache_text_embeddings")))
-    assert "latent cache: 6 entries, 6 encoded (in memory)" in result.stderr
-    assert "text embedding cache: 7 entries, 7 encoded (in memory)" in result.stderr
+    check(run(kohya_args(tiny, plain, *flags, "--max_train_steps", "7")))
+    caching = ["--cache_latents", "--cache_text_embeddings"]
+    first = check(run(kohya_args(tiny, cached, *flags, *caching, "--max_train_steps", "3")))
+    assert "latent cache: 6 entries, 6 encoded (in memory)" in first.stderr
+    assert "text embedding cache: 7 entries, 7 encoded (in memory)" in first.stderr
+    check(run(kohya_args(tiny, cached, *flags, *caching, "--max_train_steps", "7", "--resume_from_checkpoint", "latest")))
+    assert len(set(losses(plain))) == 7  # a real curve
     np.testing.assert_allclose(losses(cached), losses(plain), rtol=1e-4)
-    assert losses(plain) != losses(plain)[:1] * 6  # the curve is a real curve
 
 
 def _with_other_vae(model: Path, folder: Path) -> Path:
     """A copy of the model whose VAE weights differ slightly."""
-    import shutil
-
     shutil.copytree(model, folder)
     weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
     tensors = load_file(weights)
@@ -237,9 +230,7 @@ def test_stale_disk_cache_is_rebuilt_after_the_vae_changes(tiny, tmp_path):
     second = check(run(kohya_args(tiny, tmp_path / "b", *flags, "--pretrained_model_name_or_path", str(other))))
     assert "latent cache: 6 entries, 6 encoded (0 read from" in second.stderr  # the VAE changed: all re-encoded
     assert "text embedding cache: 7 entries, 0 encoded (7 read from" in second.stderr  # the text encoder did not
-    fresh = check(run(kohya_args(tiny, tmp_path / "c", "--center_crop", "--max_train_steps", "3", "--pretrained_model_name_or_path", str(other))))
-    assert fresh.returncode == 0
-    np.testing.assert_allclose(losses(tmp_path / "b"), losses(tmp_path / "c"), rtol=1e-4)
+    assert len(list((cache / "latents").glob("*.safetensors"))) == 12  # the old entries are kept, never read
 
 
 def test_data_parallel_buckets_with_a_disk_cache(tiny, tmp_path):
