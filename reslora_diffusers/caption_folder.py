@@ -123,6 +123,11 @@ def load_local_folder(
     directory = Path(directory)
     if not directory.is_dir():
         raise DatasetError(f"training data folder not found: {directory}")
+    if caption_source == "auto" and not has_metadata(directory) and not caption_files_present(directory):
+        raise DatasetError(
+            f"{directory} has no metadata.jsonl (or metadata.csv) and no caption files: write one line per image like "
+            '{"file_name": "cat.png", "text": "a cat"} into metadata.jsonl, or a cat.txt holding the caption beside cat.png'
+        )
     use_metadata = caption_source == "metadata" or (caption_source == "auto" and has_metadata(directory))
     use_files = caption_source == "files" or (caption_source == "auto" and (not use_metadata or caption_files_present(directory)))
     if not use_files:
