@@ -40,6 +40,7 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     config = getattr(module, "config", None)
     if config is not None:
         config = dict(config) if not hasattr(config, "to_dict") else config.to_dict()
+        config = {k: v for k, v in config.items() if k not in ("_name_or_path", "_commit_hash")}  # where, not what
         digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(module.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
