@@ -22,6 +22,7 @@ Data parallel (DDP) through accelerate; every process trains on its own share of
     CPU processes (gloo):  ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train_text_to_image.py
 """
 
+import gc
 import json
 import logging
 import math
@@ -31,37 +32,14 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
-from PIL import Image
-from tqdm.auto import tqdm
-
-import diffusers
-import transformers
-from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import compute_snr
-from transformers import CLIPTextModel, CLIPTokenizer
-
-from reslora_diffusers import ResLoRAConfig, apply_reslora, save_adapter
-from reslora_diffusers.config import RES_TYPES
-from reslora_diffusers.formats import save_diffusers_lora, save_kohya_lora
-from reslora_diffusers.atomic import atomic_write, atomic_write_text, swap_in_folder
-from reslora_diffusers.cli import OneLineErrorParser, exit_with_error, first_line
-from reslora_diffusers.caption_folder import load_local_folder
+# Light imports only up to the heavy-import block below: the command line is checked first.
+from reslora_diffusers.cli import OneLineErrorParser, add_threads_argument, exit_with_error, first_line, set_threads
+from reslora_diffusers.config import MERGE_METHODS, RES_TYPES, ResLoRAConfig
 from reslora_diffusers.config_file import parse_with_config
 from reslora_diffusers.data_options import add_data_arguments, check_data_arguments
-from reslora_diffusers.data_pipeline import latent_distribution, training_data
-from reslora_diffusers.io import WEIGHTS_NAME, read_adapter
-from reslora_diffusers.merge import MERGE_METHODS, merge_adapter
-from reslora_diffusers.model_card import model_card
-from reslora_diffusers.training_data import INTERPOLATION_MODES, DatasetError, load_hub_dataset, subset
-
-logger = get_logger(__name__, log_level="INFO")
+from reslora_diffusers.pipeline_io import hub_access_error
+from reslora_diffusers.run_safety import ownership_error, resume_error, run_settings
+from reslora_diffusers.training_data import INTERPOLATION_MODES
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "assets" / "tiny-emoji-sd"
@@ -70,10 +48,7 @@ DEFAULT_PROMPTS = ["fish", "french fries", "red apple", "grinning face"]
 CHECKPOINT_MARKER = "reslora_checkpoint.json"
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
 PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-
-
-class TrainingStopped(Exception):
-    """Training cannot go on (a non-finite loss, data that broke mid-run); the message says why and what is kept."""
+FLOAT32_MAX = 3.4028234663852886e38  # the optimizer applies the learning rate as a float32
 
 
 def parse_args(argv=None):
@@ -94,6 +69,13 @@ def parse_args(argv=None):
     )
     parser.add_argument("--revision", type=str, default=None, help="Revision of a Hub base model.")
     parser.add_argument("--variant", type=str, default=None, help="Variant of the base model's files, e.g. 'fp16'.")
+    parser.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        type=str,
+        default=None,
+        help="A VAE to use instead of the base's (e.g. madebyollin/sdxl-vae-fp16-fix). SDXL's own VAE gives NaNs in "
+        "fp16, so without this flag an SDXL base's VAE runs in fp32 under --mixed_precision fp16.",
+    )
     # Data
     parser.add_argument(
         "--dataset_name",
@@ -154,6 +136,11 @@ def parse_args(argv=None):
         type=str,
         default="outputs/sd-model-finetuned-reslora",
         help="Where the adapter, exports, validation images, logs and checkpoints are written.",
+    )
+    parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Replace another run's checkpoints and outputs in --output_dir (without it, a new run there is refused).",
     )
     parser.add_argument(
         "--logging_dir", type=str, default="logs", help="TensorBoard log folder, relative to --output_dir."
@@ -223,6 +210,13 @@ def parse_args(argv=None):
         help="Accepted for compatibility; ResLoRA's attention processors always use PyTorch scaled_dot_product_attention.",
     )
     parser.add_argument("--local_rank", type=int, default=-1, help="Set by the distributed launcher.")
+    add_threads_argument(
+        parser,
+        default=None,
+        help="torch CPU threads per process. Default: OMP_NUM_THREADS when set, else 1 on CPU (the small matrices of a "
+        "LoRA step gain little from more, and on a busy machine extra threads wait on each other: 4x slower measured "
+        "on 2 cores); the GPU's default otherwise.",
+    )
     # Checkpoints
     parser.add_argument(
         "--checkpointing_steps", type=int, default=100, help="Save a resumable checkpoint every X optimizer steps."
@@ -245,12 +239,28 @@ def parse_args(argv=None):
         "--delta_lora_ratio", type=float, default=0.0, help="Delta-LoRA lambda (0: off); needs --res_type none."
     )
     parser.add_argument("--delta_lora_start", type=int, default=500, help="Delta-LoRA K: the step after which the frozen weights move.")
+    # Merge-aware training (issue 17; README "Which merge for is / ms"): the merged model is what users deploy.
+    parser.add_argument(
+        "--shortcut_anneal_fraction", type=float, default=None,
+        help="Scale the is / ms / bs shortcut terms from 1 to 0 (half cosine) over this last fraction of the steps, so the "
+        f"trained model is a plain LoRA that merges exactly (0: off). Default: {DEFAULT_ANNEAL_FRACTION} for is / ms, 0 otherwise.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no_cross_attention_shortcuts", action="store_true",
+        help="Leave the cross-attention to_k / to_v blocks unlinked (they all read the same text embedding).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--lora_plus_ratio", type=float, default=1.0,
+        help="LoRA+: B's learning rate = this × --learning_rate (A's); the LoRA+ paper uses 16. 1: plain LoRA (any --res_type).",
+    )  # fmt: skip
     parser.add_argument(
         "--merge_method",
         type=str,
-        default="input",
+        default="lstsq",
         choices=MERGE_METHODS,
-        help="How 'is' / 'ms' shortcuts are folded into the exported plain-LoRA files (exact for none / bs / Delta-LoRA).",
+        help="How 'is' / 'ms' shortcuts are folded into the exported plain-LoRA files (exact for none / bs / Delta-LoRA); "
+        "lstsq fits α to the unmerged model's outputs on the validation prompts (least squares), so it has the lowest "
+        "merge error there; `python -m reslora_diffusers.merge` measures all three.",
     )
 
     add_data_arguments(parser)
@@ -274,16 +284,27 @@ def parse_args(argv=None):
             parser.error(f"--{name} must be > 0, got {value}")
     if args.rank <= 0:
         parser.error(f"--rank must be > 0, got {args.rank}")
-    if args.learning_rate <= 0:
-        parser.error(f"--learning_rate must be > 0, got {args.learning_rate}")
+    if not 0 < args.learning_rate <= FLOAT32_MAX:
+        parser.error(f"--learning_rate must be > 0 and fit a float32 (<= 3.4e38), got {args.learning_rate}")
+    if args.pre_num == 0 and args.res_type != "none":
+        parser.error(f"--pre_num 0 links no earlier block, so --res_type {args.res_type} would train plain LoRA; "
+                     "pass --pre_num -1 (all) or >= 1, or --res_type none")
     for name in ("num_validation_images", "lr_warmup_steps", "noise_offset", "max_grad_norm", "dataloader_num_workers"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         parser.error(f"--snr_gamma must be > 0, got {args.snr_gamma}")
     check_data_arguments(args, parser.error)
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        parser.error("--overwrite_output_dir starts a new run, --resume_from_checkpoint continues one: pass one of them")
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)
+    if args.shortcut_anneal_fraction is None:  # is / ms merge only approximately: end them as plain LoRA (README)
+        args.shortcut_anneal_fraction = DEFAULT_ANNEAL_FRACTION if args.res_type in ("is", "ms") else 0.0
+    if not 0 <= args.shortcut_anneal_fraction <= 1:
+        parser.error(f"--shortcut_anneal_fraction must be in [0, 1], got {args.shortcut_anneal_fraction}")
+    if args.lora_plus_ratio <= 0:
+        parser.error(f"--lora_plus_ratio must be > 0, got {args.lora_plus_ratio}")
     try:
         args.adapter_config = ResLoRAConfig(
             res_type=args.res_type,
@@ -293,6 +314,7 @@ def parse_args(argv=None):
             lora_dropout=args.lora_dropout,
             delta_lora_ratio=args.delta_lora_ratio,
             delta_lora_start=args.delta_lora_start,
+            cross_attention_shortcuts=not args.no_cross_attention_shortcuts,
         )
     except ValueError as error:
         message = str(error).replace("res_type='none'", "--res_type none").replace("lora_dropout=0", "--lora_dropout 0")
@@ -331,9 +353,106 @@ def _hub_id(name: str) -> bool:
     return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.startswith((".", "/"))
 
 
+def preflight(args) -> None:
+    """Every check that needs no model: the base path, the output folder's owner, the resume's settings, the network."""
+    check_base(args)
+    resume_from = find_resume_checkpoint(args) if args.resume_from_checkpoint else None
+    # `--resume_from_checkpoint latest` without a checkpoint starts a new run, which must not mix with another.
+    error = ownership_error(Path(args.output_dir), resuming=resume_from is not None, overwrite=args.overwrite_output_dir)
+    if error:
+        exit_with_error(error)
+    if resume_from is not None:
+        error = resume_error(resume_from, CHECKPOINT_MARKER, run_settings(args))
+        if error:
+            exit_with_error(error)
+    for name in (args.pretrained_model_name_or_path, args.base_config):
+        if name is not None and not Path(name).exists() and _hub_id(name):
+            error = hub_access_error(name, revision=args.revision, cache_dir=args.cache_dir)
+            if error:
+                exit_with_error(error)
+
+
+def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint, oldest first. Folders still being written have another name."""
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for child in output_dir.iterdir():
+        match = CHECKPOINT_PATTERN.fullmatch(child.name)
+        if match and (child / CHECKPOINT_MARKER).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def find_resume_checkpoint(args) -> Path | None:
+    output_dir = Path(args.output_dir)
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = complete_checkpoints(output_dir)
+        return checkpoints[-1][1] if checkpoints else None
+    path = Path(args.resume_from_checkpoint)
+    if not path.exists():
+        path = output_dir / path.name
+    if not (path / CHECKPOINT_MARKER).is_file():
+        exit_with_error(f"{args.resume_from_checkpoint} is not a complete checkpoint of this script (no {CHECKPOINT_MARKER})")
+    return path
+
+
+if __name__ == "__main__":
+    # Bad input fails here, in seconds, before the imports below (diffusers, transformers, accelerate take
+    # 10-90 s on a busy machine); main() repeats these cheap checks for callers that import this file.
+    preflight(parse_args())
+
+# -- the heavy imports ------------------------------------------------------------------------------------------
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from accelerate.logging import get_logger  # noqa: E402
+from accelerate.utils import ProjectConfiguration, set_seed  # noqa: E402
+from PIL import Image  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+import diffusers  # noqa: E402
+import transformers  # noqa: E402
+from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel  # noqa: E402
+from diffusers.optimization import get_scheduler  # noqa: E402
+from diffusers.training_utils import compute_snr  # noqa: E402
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
+
+from reslora_diffusers import apply_reslora, save_adapter  # noqa: E402
+from reslora_diffusers.formats import kohya_model_configs, save_diffusers_lora, save_kohya_lora  # noqa: E402
+from reslora_diffusers.atomic import atomic_write, atomic_write_text, swap_in_folder  # noqa: E402
+from reslora_diffusers.io import WEIGHTS_NAME, read_adapter  # noqa: E402
+from reslora_diffusers.annealing import DEFAULT_ANNEAL_FRACTION, shortcut_anneal_factor  # noqa: E402
+from reslora_diffusers.lora_plus import lora_plus_param_groups  # noqa: E402
+from reslora_diffusers.merge import merge_adapter  # noqa: E402
+from reslora_diffusers.sdxl import SDXLConditioning  # noqa: E402
+from reslora_diffusers.model_card import model_card  # noqa: E402
+from reslora_diffusers.run_safety import (  # noqa: E402
+    NonFiniteError,
+    clear_run_outputs,
+    factor_tensors,
+    optimizer_tensors,
+    require_finite,
+)
+from reslora_diffusers.caption_folder import load_local_folder  # noqa: E402
+from reslora_diffusers.data_pipeline import latent_distribution, training_data  # noqa: E402
+from reslora_diffusers.training_data import DatasetError, load_hub_dataset, subset  # noqa: E402
+
+logger = get_logger(__name__, log_level="INFO")
+
+
+class TrainingStopped(Exception):
+    """Training cannot go on (a non-finite loss, data that broke mid-run); the message says why and what is kept."""
+
+
 def load_base(args):
-    """(tokenizer, noise scheduler, text encoder, vae, unet) of a diffusers folder, Hub id or single file."""
-    from reslora_diffusers.pipeline_io import UserInputError, load_pipeline
+    """(tokenizer, noise scheduler, text encoder, vae, unet, sdxl) of a diffusers folder, Hub id or single file.
+
+    `sdxl` is None for SD-1.x / 2.x; for an SDXL base (detected from the model) it holds the second
+    tokenizer and text encoder.
+    """
+    from reslora_diffusers.pipeline_io import SDXL_PIPELINE, UserInputError, load_pipeline
 
     name = args.pretrained_model_name_or_path
     if Path(name).is_file():
@@ -342,17 +461,36 @@ def load_base(args):
         except UserInputError as error:
             exit_with_error(str(error))
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        return pipe.tokenizer, scheduler, pipe.text_encoder, pipe.vae, pipe.unet
+        sdxl = SDXLConditioning(pipe.tokenizer_2, pipe.text_encoder_2) if hasattr(pipe, "text_encoder_2") else None
+        return pipe.tokenizer, scheduler, pipe.text_encoder, load_vae(args, pipe.vae), pipe.unet, sdxl
     common = {"revision": args.revision, "cache_dir": args.cache_dir}
     try:
         tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **common)
         scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", **common)
         text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", variant=args.variant, **common)
-        vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=args.variant, **common)
+        vae = load_vae(args, None) or AutoencoderKL.from_pretrained(name, subfolder="vae", variant=args.variant, **common)
         unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", variant=args.variant, **common)
+        sdxl = None
+        if diffusers.DiffusionPipeline.load_config(name, **common).get("_class_name") == SDXL_PIPELINE:
+            sdxl = SDXLConditioning(
+                CLIPTokenizer.from_pretrained(name, subfolder="tokenizer_2", **common),
+                CLIPTextModelWithProjection.from_pretrained(name, subfolder="text_encoder_2", variant=args.variant, **common),
+            )
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
         exit_with_error(f"cannot load the Stable Diffusion model {name}: {first_line(error)}")
-    return tokenizer, scheduler, text_encoder, vae, unet
+    return tokenizer, scheduler, text_encoder, vae, unet, sdxl
+
+
+def load_vae(args, default):
+    """The VAE of --pretrained_vae_model_name_or_path (a folder holding the VAE, or a Hub id), else `default`."""
+    name = args.pretrained_vae_model_name_or_path
+    if name is None:
+        return default
+    subfolder = "vae" if (Path(name) / "vae").is_dir() else None  # a whole pipeline folder, or the VAE alone
+    try:
+        return AutoencoderKL.from_pretrained(name, subfolder=subfolder, revision=args.revision, cache_dir=args.cache_dir)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        exit_with_error(f"cannot load the VAE {name}: {first_line(error)}")
 
 
 def load_examples(args):
@@ -373,18 +511,6 @@ def load_examples(args):
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------
-def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every complete checkpoint, oldest first. Folders still being written have another name."""
-    if not output_dir.is_dir():
-        return []
-    found = []
-    for child in output_dir.iterdir():
-        match = CHECKPOINT_PATTERN.fullmatch(child.name)
-        if match and (child / CHECKPOINT_MARKER).is_file():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
-
-
 def save_checkpoint(accelerator: Accelerator, args, global_step: int, epoch: int) -> Path:
     """`accelerator.save_state` into a temporary folder, renamed to `checkpoint-<step>` once every file is there.
 
@@ -399,7 +525,7 @@ def save_checkpoint(accelerator: Accelerator, args, global_step: int, epoch: int
     accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        marker = {"global_step": global_step, "epoch": epoch, "num_processes": accelerator.num_processes}
+        marker = {"global_step": global_step, "epoch": epoch, "num_processes": accelerator.num_processes, "settings": run_settings(args)}
         atomic_write_text(staging / CHECKPOINT_MARKER, json.dumps(marker, indent=2))
         # The same step saved before a resume is replaced only now that the new one is complete.
         swap_in_folder(staging, final)
@@ -409,19 +535,6 @@ def save_checkpoint(accelerator: Accelerator, args, global_step: int, epoch: int
                 shutil.rmtree(folder)
     accelerator.wait_for_everyone()
     return final
-
-
-def find_resume_checkpoint(args) -> Path | None:
-    output_dir = Path(args.output_dir)
-    if args.resume_from_checkpoint == "latest":
-        checkpoints = complete_checkpoints(output_dir)
-        return checkpoints[-1][1] if checkpoints else None
-    path = Path(args.resume_from_checkpoint)
-    if not path.exists():
-        path = output_dir / path.name
-    if not (path / CHECKPOINT_MARKER).is_file():
-        exit_with_error(f"{args.resume_from_checkpoint} is not a complete checkpoint of this script (no {CHECKPOINT_MARKER})")
-    return path
 
 
 # -- metrics, validation, outputs ---------------------------------------------------------------------------------
@@ -458,12 +571,28 @@ def image_grid(rows: list[list[Image.Image]]) -> Image.Image:
     return grid
 
 
-def validation_pipeline(accelerator, args, unet, text_encoder, vae, tokenizer, noise_scheduler):
+def validation_pipeline(accelerator, args, unet, text_encoder, vae, tokenizer, noise_scheduler, sdxl=None):
     """The base pipeline running through the live adapter (no copy), with a fast DPM-Solver sampler."""
     # Imported here, once transformers' logging is quiet: the pipeline module pulls in image processors that
     # warn about optional backends the training never uses.
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if sdxl is not None:
+        # The VAE may be kept fp32 (fp16 overflow) while the UNet's latents come out fp16, and the pipeline
+        # hands them to the VAE as they are (it casts only a VAE it upcasts itself): its first layer casts them.
+        first = vae.post_quant_conv if getattr(vae, "post_quant_conv", None) is not None else vae.decoder
+        first.register_forward_pre_hook(lambda module, args: (args[0].to(vae.dtype), *args[1:]))
+        pipeline = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=accelerator.unwrap_model(text_encoder),
+            text_encoder_2=accelerator.unwrap_model(sdxl.text_encoder_2),
+            tokenizer=tokenizer,
+            tokenizer_2=sdxl.tokenizer_2,
+            unet=accelerator.unwrap_model(unet),
+            scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
     pipeline = StableDiffusionPipeline(
         vae=vae,
         text_encoder=accelerator.unwrap_model(text_encoder),
@@ -511,8 +640,9 @@ def log_validation(pipeline, accelerator, args, step: int) -> Path:
 
 
 def export_merged(adapter, args, calibration) -> tuple[str, Path, Path]:
-    """Merges the adapter into plain LoRA factors and writes the diffusers and kohya files."""
+    """Merges the adapter into plain LoRA factors and writes the diffusers and kohya files (NonFiniteError: none)."""
     result = merge_adapter(adapter, method=args.merge_method, calibration=calibration)
+    require_finite(factor_tensors(result.factors), f"the {result.method} merge")
     output_dir = Path(args.output_dir)
     metadata = {
         "reslora_res_type": adapter.config.res_type,
@@ -523,8 +653,35 @@ def export_merged(adapter, args, calibration) -> tuple[str, Path, Path]:
     }
     diffusers_file = save_diffusers_lora(result.factors, output_dir, metadata=metadata)
     name = re.sub(r"[^\w.-]+", "_", output_dir.resolve().name) or "reslora"
-    kohya_file = save_kohya_lora(result.factors, output_dir / "kohya" / f"{name}.safetensors", metadata)
+    kohya_file = save_kohya_lora(
+        result.factors, output_dir / "kohya" / f"{name}.safetensors", metadata, **kohya_model_configs(adapter)
+    )
     return result.method, Path(diffusers_file), Path(kohya_file)
+
+
+def require_finite_state(adapter, optimizer, global_step: int) -> None:
+    """Stops the run (TrainingStopped) when the adapter or the optimizer state is not finite: it is never written."""
+    try:
+        require_finite(adapter.state_dict(), "the adapter")
+        require_finite(optimizer_tensors(optimizer), "the optimizer state")
+    except NonFiniteError as error:
+        raise TrainingStopped(
+            f"the weights became non-finite at step {global_step} ({error}); training stopped without saving them "
+            "(try a lower --learning_rate, or --mixed_precision bf16 instead of fp16)"
+        ) from None
+
+
+def shut_down(accelerator) -> None:
+    """Ends a run so that every process exits, in order: trackers flushed, models freed, then the process group.
+
+    A data-parallel model holds the process group; destroyed at interpreter exit instead, gloo's destructor
+    could wait forever for a peer that had already gone (2 of 8 CPU runs hung after writing every output).
+    """
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()  # drops the accelerator's references to the prepared (DDP-wrapped) models
+    gc.collect()
+    accelerator.wait_for_everyone()  # every process has freed its wrappers before any destroys the group
+    accelerator.end_training()  # finishes the trackers and destroys the process group
 
 
 def adapter_replica_difference(accelerator, adapter) -> float:
@@ -537,7 +694,7 @@ def adapter_replica_difference(accelerator, adapter) -> float:
 def main(argv=None):
     args = parse_args(argv)
     # Everything that can be checked without loading models is checked before anything is written.
-    check_base(args)
+    preflight(args)
     examples = load_examples(args)
     output_dir = Path(args.output_dir)
     resume_from = find_resume_checkpoint(args) if args.resume_from_checkpoint else None
@@ -567,17 +724,19 @@ def main(argv=None):
     if args.enable_xformers_memory_efficient_attention:
         logger.warning("ResLoRA's attention processors use PyTorch scaled_dot_product_attention; xformers is not needed")
 
-    # On CPU, one thread per process unless OMP_NUM_THREADS says otherwise: the small matrices of a LoRA step
-    # gain little from more, and on a busy machine extra threads wait on each other (measured: 4x slower on 2 cores).
-    if accelerator.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)
-        logger.info("CPU training with 1 thread per process (set OMP_NUM_THREADS to use more)")
+    # On CPU, one thread per process unless --threads or OMP_NUM_THREADS says otherwise (see --threads).
+    if args.threads is not None:
+        set_threads(args.threads)
+    elif accelerator.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        set_threads(1)
+        logger.info("CPU training with 1 thread per process (pass --threads to use more)")
 
     # Each process gets its own seed, so processes draw different noise for their different images.
     set_seed(args.seed, device_specific=True)
 
     # Load the tokenizer, noise scheduler and models.
-    tokenizer, noise_scheduler, text_encoder, vae, unet = load_base(args)
+    tokenizer, noise_scheduler, text_encoder, vae, unet, sdxl = load_base(args)
+    text_encoders = [text_encoder] if sdxl is None else [text_encoder, sdxl.text_encoder_2]
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
@@ -587,24 +746,38 @@ def main(argv=None):
         args.resolution = int(vae.config.sample_size)
     if args.resolution % vae_scale_factor:
         exit_with_error(f"--resolution must be a multiple of {vae_scale_factor} (the VAE's downsampling factor), got {args.resolution}")
+    if resume_from is not None and (error := resume_error(resume_from, CHECKPOINT_MARKER, run_settings(args))):
+        exit_with_error(error)  # again, now that the default resolution is known
 
     # The frozen base runs in the mixed-precision dtype (the adapters stay fp32). With Delta-LoRA the base
     # weights move by small steps every update, which a 16-bit weight would round away: they stay fp32.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     base_dtype = torch.float32 if args.adapter_config.delta_lora else weight_dtype
+    # SDXL's VAE overflows to NaN in fp16 (diffusers' SDXL scripts keep it in fp32 unless a fixed VAE is given).
+    vae_dtype = weight_dtype
+    if sdxl is not None and weight_dtype == torch.float16 and args.pretrained_vae_model_name_or_path is None:
+        vae_dtype = torch.float32
+        logger.info("SDXL: the VAE runs in fp32 (its fp16 activations overflow); --pretrained_vae_model_name_or_path takes a fixed VAE")
     vae.requires_grad_(False)
-    vae.to(accelerator.device, dtype=weight_dtype)
+    vae.to(accelerator.device, dtype=vae_dtype)
     unet.to(accelerator.device, dtype=base_dtype)
-    text_encoder.to(accelerator.device, dtype=base_dtype)
+    for model in text_encoders:
+        model.to(accelerator.device, dtype=base_dtype)
+        model.requires_grad_(False)
 
-    # Add the adapter blocks (fp32) to the UNet attention projections (and the text encoder's); the base stays frozen.
-    text_encoder.requires_grad_(False)
-    adapter = apply_reslora(unet, args.adapter_config, text_encoder=text_encoder if args.train_text_encoder else None)
+    # Add the adapter blocks (fp32) to the UNet attention projections (and the text encoders'); the base stays frozen.
+    trained_encoders = {}
+    if args.train_text_encoder:
+        trained_encoders = {"text_encoder": text_encoder}
+        if sdxl is not None:
+            trained_encoders["text_encoder_2"] = sdxl.text_encoder_2
+    adapter = apply_reslora(unet, args.adapter_config, **trained_encoders)
     logger.info(f"{adapter}: {sum(p.numel() for p in adapter.trainable_parameters()):,} trainable parameters")
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+            for model in text_encoders:
+                model.gradient_checkpointing_enable()
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     if args.scale_lr:
@@ -612,7 +785,7 @@ def main(argv=None):
 
     optimizer_class = bnb.optim.AdamW8bit if args.use_8bit_adam else torch.optim.AdamW
     optimizer = optimizer_class(
-        adapter.trainable_parameters(),
+        lora_plus_param_groups(adapter, args.learning_rate, args.lora_plus_ratio),
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
@@ -623,7 +796,7 @@ def main(argv=None):
     # (seed, epoch), so a resumed run sees the same batches.
     try:
         data = training_data(args, examples, tokenizer=tokenizer, vae=vae, text_encoder=text_encoder, unet=unet,
-                             accelerator=accelerator, weight_dtype=weight_dtype)
+                             accelerator=accelerator, vae_dtype=vae_dtype, sdxl=sdxl)
     except DatasetError as error:
         exit_with_error(str(error))
     train_dataset, sampler, train_dataloader = data.dataset, data.sampler, data.dataloader
@@ -641,7 +814,12 @@ def main(argv=None):
     )
 
     # Prepare everything with our `accelerator` (DDP wraps the models whose adapter blocks are trained).
-    if args.train_text_encoder:
+    if args.train_text_encoder and sdxl is not None:
+        unet, text_encoder, sdxl.text_encoder_2, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+            unet, text_encoder, sdxl.text_encoder_2, optimizer, train_dataloader, lr_scheduler
+        )
+        text_encoders = [text_encoder, sdxl.text_encoder_2]
+    elif args.train_text_encoder:
         unet, text_encoder, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
             unet, text_encoder, optimizer, train_dataloader, lr_scheduler
         )
@@ -677,6 +855,18 @@ def main(argv=None):
         accelerator.load_state(str(resume_from))
         global_step = json.loads((resume_from / CHECKPOINT_MARKER).read_text())["global_step"]
         first_epoch = global_step // num_update_steps_per_epoch
+        try:  # a checkpoint is checked when written; one from an older version of this script may not have been
+            require_finite(adapter.state_dict(), f"the adapter in {resume_from}")
+        except NonFiniteError as error:
+            exit_with_error(f"cannot resume: {error}; resume from an earlier checkpoint")
+        if global_step >= args.max_train_steps:
+            accelerator.print(
+                f"Nothing left to train: {resume_from} is at step {global_step} and --max_train_steps is {args.max_train_steps}; "
+                f"the outputs in {output_dir} are left as they are (raise --max_train_steps to train on)."
+            )
+            unet = text_encoder = None  # their DDP wrappers hold the process group; shut_down frees it in order
+            shut_down(accelerator)
+            return
     elif args.resume_from_checkpoint == "latest":
         accelerator.print(f"No complete checkpoint in {output_dir}: starting a new training run.")
     resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
@@ -684,6 +874,8 @@ def main(argv=None):
     # From here on, files are written.
     metrics = None
     if accelerator.is_main_process:
+        if args.overwrite_output_dir:
+            clear_run_outputs(output_dir)  # the previous run's files only; anything else in the folder stays
         output_dir.mkdir(parents=True, exist_ok=True)
         for leftover in output_dir.glob("checkpoint-*.tmp"):
             shutil.rmtree(leftover)  # a checkpoint a crash cut short; never complete, never resumed from
@@ -703,7 +895,7 @@ def main(argv=None):
     logger.info(f"  Total optimization steps = {args.max_train_steps}")
 
     validate = args.num_validation_images > 0 and bool(args.validation_prompt)
-    pipeline = validation_pipeline(accelerator, args, unet, text_encoder, vae, tokenizer, noise_scheduler)
+    pipeline = validation_pipeline(accelerator, args, unet, text_encoder, vae, tokenizer, noise_scheduler, sdxl)
     grids = []
     if validate and accelerator.is_main_process and global_step == 0:
         grids.append(log_validation(pipeline, accelerator, args, 0))  # the base model, for comparison
@@ -716,7 +908,7 @@ def main(argv=None):
         # Only show the progress bar once on each machine.
         disable=not accelerator.is_local_main_process,
     )
-    train_models = [unet, text_encoder] if args.train_text_encoder else [unet]
+    train_models = [unet, *text_encoders] if args.train_text_encoder else [unet]
     last_checkpoint = resume_from
     start_time, start_step = time.time(), global_step
     train_loss = 0.0
@@ -734,11 +926,13 @@ def main(argv=None):
             for batch in dataloader:
                 if global_step >= args.max_train_steps:
                     break
+                # Shortcut annealing: γ of the step being taken (a function of the step, so a resumed run agrees).
+                adapter.set_shortcut_scale(shortcut_anneal_factor(global_step + 1, args.max_train_steps, args.shortcut_anneal_fraction))
                 with accelerator.accumulate(*train_models):
                     # Convert images to latent space
                     with torch.no_grad():
-                        latents = latent_distribution(vae, batch, accelerator.device, weight_dtype).sample()
-                    latents = latents * vae.config.scaling_factor
+                        latents = latent_distribution(vae, batch, accelerator.device, vae_dtype).sample()
+                    latents = (latents * vae.config.scaling_factor).to(weight_dtype)
 
                     # Sample noise that we'll add to the latents
                     noise = torch.randn_like(latents)
@@ -754,11 +948,19 @@ def main(argv=None):
                     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
 
                     # Get the text embedding for conditioning
-                    if "encoder_hidden_states" in batch:  # --cache_text_embeddings
+                    added_cond_kwargs = None
+                    if "encoder_hidden_states" in batch:  # --cache_text_embeddings (SD 1.x / 2.x only)
                         encoder_hidden_states = batch["encoder_hidden_states"].to(accelerator.device)
                     else:
                         with torch.set_grad_enabled(args.train_text_encoder):
-                            encoder_hidden_states = text_encoder(batch["input_ids"].to(accelerator.device), return_dict=False)[0]
+                            input_ids = batch["input_ids"].to(accelerator.device)
+                            if sdxl is None:
+                                encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
+                            else:  # both encoders' penultimate states, the pooled embedding and size / crop ids
+                                encoder_hidden_states, pooled = sdxl.encode(text_encoder, input_ids, batch["input_ids_2"].to(accelerator.device))
+                                added_cond_kwargs = sdxl.added_conditions(
+                                    pooled, batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"]
+                                )
 
                     # Get the target for loss depending on the prediction type
                     if noise_scheduler.config.prediction_type == "epsilon":
@@ -767,7 +969,9 @@ def main(argv=None):
                         target = noise_scheduler.get_velocity(latents, noise, timesteps)
 
                     # Predict the noise residual (or velocity) and compute the loss
-                    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+                    model_pred = unet(
+                        noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs, return_dict=False
+                    )[0]
                     if args.snr_gamma is None:
                         loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
                     else:
@@ -817,6 +1021,8 @@ def main(argv=None):
                     train_loss = 0.0
 
                     if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+                        # Every process holds the same adapter, so all of them stop here together.
+                        require_finite_state(adapter, optimizer, global_step)
                         last_checkpoint = save_checkpoint(accelerator, args, global_step, epoch)
                         logger.info(f"saved checkpoint {last_checkpoint}")
                     if validate and args.validation_steps and global_step % args.validation_steps == 0:
@@ -831,10 +1037,12 @@ def main(argv=None):
                 accelerator.wait_for_everyone()
             if end_of_run:
                 break
+        require_finite_state(adapter, optimizer, global_step)  # the final state, whether or not a checkpoint saved it
     except (TrainingStopped, DatasetError) as stop:
-        kept = f"the last complete checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+        kept = f"the last finite checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
         progress_bar.close()
-        accelerator.end_training()
+        unet = text_encoder = train_models = None  # as at the end of a run: the DDP wrappers go before the process group
+        shut_down(accelerator)
         exit_with_error(f"{stop}; {kept}", code=1)
     progress_bar.close()
     train_seconds = time.time() - start_time
@@ -845,6 +1053,8 @@ def main(argv=None):
         logger.warning(f"adapter replicas differ across processes by up to {replica_difference:.3g}")
 
     # Save the adapter, the merged exports, the last validation grid and the model card.
+    # γ after the last step taken (0 when annealing finished: the adapter is then a plain LoRA and merges exactly).
+    adapter.set_shortcut_scale(shortcut_anneal_factor(global_step, args.max_train_steps, args.shortcut_anneal_fraction) if global_step else 1.0)
     if accelerator.is_main_process:
         final_loss = None
         if metrics is not None:
@@ -859,7 +1069,11 @@ def main(argv=None):
             pipeline(list(args.validation_prompt), num_inference_steps=8, height=args.resolution, width=args.resolution,
                      generator=torch.Generator().manual_seed(args.seed), output_type="latent")
 
-        merge, diffusers_file, kohya_file = export_merged(adapter, args, calibration)
+        try:
+            merge, diffusers_file, kohya_file = export_merged(adapter, args, calibration)
+        except NonFiniteError as error:
+            shut_down(accelerator)  # the other processes wait there
+            exit_with_error(f"the merged exports were not written: {error}; the native adapter in {output_dir} is finite", code=1)
         adapter_dtypes = sorted({str(p.dtype) for p in adapter.trainable_parameters()})
         trained_steps = global_step - start_step
         summary = {
@@ -905,6 +1119,8 @@ def main(argv=None):
             validation_prompts=list(args.validation_prompt),
             trained_text_encoder=args.train_text_encoder,
             resolved_config=args.resolved_config,
+            sdxl=sdxl is not None,
+            repo_id=(args.hub_model_id or output_dir.resolve().name) if args.push_to_hub else None,
         )
         atomic_write_text(output_dir / "README.md", card)
         if args.push_to_hub:
@@ -928,8 +1144,8 @@ def main(argv=None):
         )
         for label, value in where:
             accelerator.print(f"  {label:<30} {value}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    del unet, text_encoder, train_models  # their DDP wrappers hold the process group; shut_down frees it in order
+    shut_down(accelerator)
 
 
 def push_to_hub(args, output_dir: Path) -> None:

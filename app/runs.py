@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from paths import resolve_inside, walk_inside
 from reslora_diffusers.io import CONFIG_NAME
 from reslora_diffusers.pipeline_io import UserInputError
 
@@ -25,8 +26,6 @@ SUMMARY_NAME = "training_summary.json"
 TRAINING_ARGS_NAME = "training_args.json"
 REPORT_SUFFIX = ".merge_report.json"
 METHOD_NAMES = {"none": "LoRA", "is": "ResLoRA is", "bs": "ResLoRA bs", "ms": "ResLoRA ms"}
-# Deep enough for outputs/<experiment>/<run>; checkpoints inside a run are reachable through the path field.
-MAX_DEPTH = 4
 
 
 @dataclass(frozen=True)
@@ -78,18 +77,10 @@ def discover_runs(roots: list[Path], adapters_only: bool = False) -> list[Run]:
     """
     runs: dict[Path, Run] = {}
     for root in roots:
-        root = Path(root).resolve()
-        if not root.is_dir():
-            continue
-        for directory, subdirs, files in os.walk(root):
-            folder = Path(directory)
-            depth = len(folder.relative_to(root).parts)
-            subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and not d.startswith("checkpoint-"))
-            if depth >= MAX_DEPTH:
-                subdirs.clear()
+        for folder, _subdirs, files in walk_inside(root):
             if CONFIG_NAME not in files and METRICS_NAME not in files:
                 continue
-            run = Run(folder, label_of(folder, [root]), _adapter_config(folder))
+            run = Run(folder, label_of(folder, [Path(root).resolve()]), _adapter_config(folder))
             if run.has_adapter or not adapters_only:
                 runs.setdefault(folder, run)
     return sorted(runs.values(), key=lambda run: run.label)
@@ -107,27 +98,10 @@ def label_of(folder: Path, roots: list[Path]) -> str:
 
 def run_at(path: str | os.PathLike, roots: list[Path]) -> Run:
     """The run folder at `path`, which must lie inside one of `roots`."""
-    folder = resolve_inside(path, roots)
+    folder = resolve_inside(path, roots, "run")
     if not folder.is_dir():
         raise UserInputError(f"{path} is not a folder")
     return Run(folder, label_of(folder, roots), _adapter_config(folder))
-
-
-def resolve_inside(path: str | os.PathLike, roots: list[Path]) -> Path:
-    """The real path of `path` if it lies inside one of `roots` (symbolic links followed), else `UserInputError`."""
-    text = str(path).strip()
-    if not text:
-        raise UserInputError("no adapter folder given")
-    allowed = [Path(root).resolve() for root in roots]
-    candidate = Path(text).expanduser()
-    if not candidate.is_absolute():
-        # "lora" means <root>/lora for the first root that has it; otherwise the working directory's.
-        candidate = next((root / candidate for root in allowed if (root / candidate).exists()), candidate)
-    resolved = candidate.resolve()
-    if not any(resolved.is_relative_to(root) for root in allowed):
-        where = ", ".join(str(root) for root in allowed)
-        raise UserInputError(f"{text} is outside the adapter folders this app may read ({where})")
-    return resolved
 
 
 def read_metrics(folder: Path) -> list[dict[str, Any]]:
@@ -252,3 +226,9 @@ def report_table(runs: list[Run]) -> list[list[str]]:
                     _number(entry.get("image_psnr_db"), ".1f"),
                 ])
     return rows
+
+
+def validation_images(run: Run, limit: int = 8) -> list[tuple[str, str]]:
+    """(path, caption) of the newest validation grids the training script wrote (`validation/step-*.png`)."""
+    images = sorted((run.path / "validation").glob("step-*.png"))[-limit:]
+    return [(str(path), path.stem) for path in reversed(images)]

@@ -9,11 +9,17 @@ Method keys (as given to `--methods`):
     bs, ms     ResLoRA block / middle shortcut over all previous blocks of a chain (pre_num = -1)
     bs_mK      the same with pre_num = K (a small value, e.g. bs_m1); likewise ms_mK
     delta      Delta-LoRA on plain LoRA
+
+Variants (suffixes, for our adapters; issue 17): `_nokv` leaves the cross-attention to_k / to_v blocks
+unlinked (is / ms / bs); `_anneal` anneals the shortcut terms to 0 over the end of training (is / ms / bs,
+see reslora_diffusers/annealing.py), so the trained model merges exactly; a final `+` trains with LoRA+
+(B at a higher learning rate than A). E.g. `lora+`, `ms+`, `is_nokv`, `ms_anneal`, `ms_nokv_anneal+`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import os
 import platform
@@ -26,6 +32,7 @@ import torch
 from torch import nn
 
 from reslora_diffusers import ResLoRAAdapter, ResLoRAConfig, apply_reslora
+from reslora_diffusers.lora_plus import lora_plus_param_groups
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 _SHORTCUT_KEY = re.compile(r"^(bs|ms)_m(\d+)$")
@@ -39,10 +46,43 @@ class Method:
     res_type: str = "none"
     pre_num: int = -1
     delta: bool = False
+    lora_plus: bool = False
+    anneal: bool = False
+    cross_attention_shortcuts: bool = True
+
+    @property
+    def parent(self) -> str:
+        """The key without `_nokv` / `_anneal`: the method whose learning rate a variant shares."""
+        return self.key.replace("_nokv", "").replace("_anneal", "")
+
+
+_VARIANTS = {"+": " + LoRA+", "_anneal": " annealed", "_nokv": " (no cross-attn k/v links)"}
 
 
 def method(key: str) -> Method:
-    """The method a `--methods` key names; a concise error for an unknown key."""
+    """The method a `--methods` key names (with variant suffixes); a concise error for an unknown key."""
+    base, options = key, {}
+    while True:
+        suffix = next((s for s in _VARIANTS if base.endswith(s)), None)
+        if suffix is None:
+            break
+        if suffix in options:
+            raise ValueError(f"method {key!r} repeats the variant {suffix!r}")
+        options[suffix] = True
+        base = base.removesuffix(suffix)
+    found = _base_method(base, key)
+    if options and found.kind != "ours":
+        raise ValueError(f"method {key!r}: variants apply to our adapters only")
+    if ("_anneal" in options or "_nokv" in options) and found.res_type == "none":
+        raise ValueError(f"method {key!r}: _anneal / _nokv need a ResLoRA shortcut (is, bs, ms)")
+    label = found.label + "".join(_VARIANTS[suffix] for suffix in sorted(options, key=key.rfind))
+    return dataclasses.replace(
+        found, key=key, label=label, lora_plus="+" in options, anneal="_anneal" in options,
+        cross_attention_shortcuts="_nokv" not in options,
+    )  # fmt: skip
+
+
+def _base_method(key: str, full_key: str) -> Method:
     fixed = {
         "floor": Method("floor", "frozen base fwd+bwd (floor)", "floor"),
         "peft": Method("peft", "PEFT LoRA", "peft"),
@@ -58,7 +98,10 @@ def method(key: str) -> Method:
     if match:
         res_type, pre_num = match.group(1), int(match.group(2))
         return Method(key, f"ResLoRA {res_type} (m={pre_num})", "ours", res_type=res_type, pre_num=pre_num)
-    raise ValueError(f"unknown method {key!r}: use floor, peft, lora, is, bs, ms, bs_mK, ms_mK (K >= 1) or delta")
+    raise ValueError(
+        f"unknown method {full_key!r}: use floor, peft, lora, is, bs, ms, bs_mK, ms_mK (K >= 1) or delta, "
+        "optionally with _nokv, _anneal and a final +"
+    )
 
 
 def parse_methods(text: str) -> list[Method]:
@@ -78,6 +121,12 @@ class Attached:
     params: list[nn.Parameter]
     adapter: ResLoRAAdapter | None = None
     detach: Callable[[], None] = lambda: None
+
+    def param_groups(self, lr: float, lora_plus_ratio: float) -> list[dict]:
+        """Optimizer groups: LoRA+ (B at `lora_plus_ratio` × lr) where the method asks for it, else one group."""
+        if self.method.lora_plus:
+            return lora_plus_param_groups(self.adapter, lr, lora_plus_ratio)
+        return [{"params": self.params, "lr": lr}]
 
     def after_optimizer_step(self, global_step: int) -> None:
         if self.adapter is not None:
@@ -118,6 +167,7 @@ def attach(m: Method, unet: nn.Module, settings: AdapterSettings) -> Attached:
         delta_lora_ratio=settings.delta_lora_ratio if m.delta else 0.0,
         delta_lora_start=settings.delta_lora_start,
         unet_targets=UNET_TARGETS,
+        cross_attention_shortcuts=m.cross_attention_shortcuts,
     )
     adapter = apply_reslora(unet, config)
     saved = {}

@@ -44,6 +44,7 @@ from benchmarks.common import (  # noqa: E402
     timed,
 )
 from reslora_diffusers.merge import merge_adapter, merge_into_base  # noqa: E402
+from reslora_diffusers.sdxl import probe_added_conditions  # noqa: E402
 
 DEFAULT_METHODS = "floor,peft,lora,is,bs,bs_m1,ms,ms_m1,delta"
 TINY_CONFIG_PATH = Path(__file__).resolve().parents[1] / "assets" / "tiny-emoji-sd" / "unet" / "config.json"
@@ -63,16 +64,26 @@ SD15_UNET = dict(
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
 )  # fmt: skip
+# Stable Diffusion XL base's UNet (2.57 B parameters): 2 and 10 transformer blocks per attention, added conditions.
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+    use_linear_projection=True, cross_attention_dim=2048, addition_embed_type="text_time",
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)  # fmt: skip
 SIZES = {
     # name: (text length, default batch)
     "tiny": (20, 32),
     "sd15": (77, 4),
+    "sdxl": (77, 1),
 }
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", choices=sorted(SIZES), default="tiny", help="tiny: the emoji base UNet; sd15: SD-1.5's UNet")
+    p.add_argument("--size", choices=sorted(SIZES), default="tiny", help="tiny: the emoji base UNet; sd15: SD-1.5's UNet; sdxl: SDXL's UNet")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default=None,
                    help="bf16: bf16 base weights + bf16 autocast, adapters fp32 (default on cuda); fp32 (default on cpu)")
@@ -119,14 +130,22 @@ def parse_args(argv=None):
 def build_unet(size: str, device: torch.device, dtype: torch.dtype, seed: int):
     from diffusers import UNet2DConditionModel
 
-    config, source = (SD15_UNET, "SD-1.5 config") if size == "sd15" else (TINY_UNET, "pretrain_base.py config")
+    config, source = {
+        "sd15": (SD15_UNET, "SD-1.5 config"),
+        "sdxl": (SDXL_UNET, "SDXL base config"),
+    }.get(size, (TINY_UNET, "pretrain_base.py config"))
     if size == "tiny" and TINY_CONFIG_PATH.is_file():
         config, source = UNet2DConditionModel.load_config(TINY_CONFIG_PATH), str(TINY_CONFIG_PATH)
     torch.manual_seed(seed)
-    with torch.device(device):
-        unet = UNet2DConditionModel.from_config(config)
-    # (`.to(torch.float32)` of a fresh fp32 model would only print diffusers' dtype warning.)
-    return (unet if dtype == torch.float32 else unet.to(dtype)), source
+    # Built directly in the target dtype: an fp32 SDXL UNet alone would take 10 GB of RAM.
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            unet = UNet2DConditionModel.from_config(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    return unet, source
 
 
 def make_inputs(unet, args, device, dtype) -> dict[str, torch.Tensor]:
@@ -139,7 +158,16 @@ def make_inputs(unet, args, device, dtype) -> dict[str, torch.Tensor]:
         "encoder_hidden_states": torch.randn(args.batch, args.text_length, unet.config.cross_attention_dim, generator=generator),
         "target": torch.randn(shape, generator=generator),
     }
+    added = probe_added_conditions(unet, args.batch, "cpu", torch.float32)  # SDXL: pooled text, size ids
+    if added is not None:
+        inputs.update({k: torch.randn(v.shape, generator=generator) for k, v in added.items()})
     return {k: v.to(device, dtype if v.is_floating_point() and k != "target" else v.dtype) for k, v in inputs.items()}
+
+
+def unet_forward(unet, sample, inputs):
+    """The UNet on one batch of `make_inputs`, with SDXL's added conditions when it takes them."""
+    added = {k: inputs[k] for k in ("text_embeds", "time_ids") if k in inputs} or None
+    return unet(sample, inputs["timestep"], encoder_hidden_states=inputs["encoder_hidden_states"], added_cond_kwargs=added).sample
 
 
 class Trainer:
@@ -155,7 +183,7 @@ class Trainer:
 
     def forward_backward(self) -> None:
         with autocast(self.device, self.precision):
-            pred = self.unet(self.sample, self.inputs["timestep"], encoder_hidden_states=self.inputs["encoder_hidden_states"]).sample
+            pred = unet_forward(self.unet, self.sample, self.inputs)
         F.mse_loss(pred.float(), self.inputs["target"]).backward()
 
     def step(self) -> None:
@@ -194,7 +222,7 @@ def account_memory(m, unet, inputs, settings, args, device) -> dict:
     try:
         with SavedTensorBytes(exclude=[unet]).recording() as saved:
             with autocast(device, args.precision):
-                pred = unet(trainer.sample, inputs["timestep"], encoder_hidden_states=inputs["encoder_hidden_states"]).sample
+                pred = unet_forward(unet, trainer.sample, inputs)
         F.mse_loss(pred.float(), inputs["target"]).backward()
         params = trainer.attached.params
         return {
@@ -219,7 +247,7 @@ def measure_inference(m, unet, inputs, settings, args, device) -> dict:
     def forward(model):
         def run():
             with torch.no_grad(), autocast(device, args.precision):
-                model(inputs["sample"], inputs["timestep"], encoder_hidden_states=inputs["encoder_hidden_states"])
+                unet_forward(model, inputs["sample"], inputs)
 
         return run
 

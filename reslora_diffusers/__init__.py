@@ -5,19 +5,30 @@
     save_adapter(adapter, "out/"); adapter = load_adapter(fresh_unet, "out/")
 """
 
-from .adapter import AdapterMismatchError, ResLoRAAdapter, apply_reslora
-from .blocks import ResLoRABlock
-from .config import ResLoRAConfig
-from .io import load_adapter, save_adapter
-from .processor import ResLoRAAttnProcessor
+from importlib import import_module
 
-__all__ = [
-    "AdapterMismatchError",
-    "ResLoRAAdapter",
-    "ResLoRABlock",
-    "ResLoRAConfig",
-    "ResLoRAAttnProcessor",
-    "apply_reslora",
-    "load_adapter",
-    "save_adapter",
-]
+# Names are imported on first use (PEP 562): a command line importing a light submodule (`config`, `cli`,
+# `run_safety`) checks its arguments before torch and diffusers load, which takes seconds to a minute.
+_EXPORTS = {
+    "AdapterMismatchError": "adapter",
+    "ResLoRAAdapter": "adapter",
+    "apply_reslora": "adapter",
+    "ResLoRABlock": "blocks",
+    "ResLoRAConfig": "config",
+    "load_adapter": "io",
+    "save_adapter": "io",
+    "ResLoRAAttnProcessor": "processor",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -1,7 +1,8 @@
 """`apply_reslora`: patches ResLoRA blocks into a diffusers UNet (attention processors) and a CLIP text encoder.
 
 Block names are `<component>.<module path>`: `unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`,
-`text_encoder.encoder.layers.0.self_attn.q_proj` (transformers ≥ 5 module paths, no `text_model.`).
+`text_encoder.encoder.layers.0.self_attn.q_proj` (transformers ≥ 5 module paths, no `text_model.`), and for
+SDXL's second encoder `text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from .chains import ProbedLayer, build_chains, predecessors, probe_execution_ord
 from .config import ResLoRAConfig
 from .delta_lora import DeltaLoRA
 from .processor import ResLoRAAttnProcessor
+from .sdxl import probe_added_conditions
 
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 DEFAULT_TEXT_LENGTH = 77
 
 
@@ -46,27 +48,30 @@ def _unet_targets(unet: nn.Module, targets: tuple[str, ...]) -> dict[str, tuple[
     return found
 
 
-def _text_encoder_targets(text_encoder: nn.Module, targets: tuple[str, ...]) -> dict[str, tuple[str, nn.Linear]]:
+def _text_encoder_targets(
+    text_encoder: nn.Module, targets: tuple[str, ...], component: str = "text_encoder"
+) -> dict[str, tuple[str, nn.Linear]]:
     found = {}
     for path, module in text_encoder.named_modules():
         if isinstance(module, nn.Linear):
             target = next((t for t in targets if _matches(path, t)), None)
             if target is not None:
-                found[f"text_encoder.{path}"] = (target, module)
+                found[f"{component}.{path}"] = (target, module)
     return found
 
 
 def _probe_unet(unet: nn.Module, text_length: int) -> None:
     config = unet.config
     if not isinstance(config.cross_attention_dim, int):
-        raise ValueError("only UNets with one integer cross_attention_dim (Stable Diffusion 1.x / 2.x) are supported")
+        raise ValueError("only UNets with one integer cross_attention_dim (Stable Diffusion 1.x / 2.x, SDXL) are supported")
     sample_size = config.sample_size if isinstance(config.sample_size, int) else max(config.sample_size)
     # The smallest latent that keeps every resolution level distinct is enough to see the execution order.
     size = min(sample_size, 2 ** len(config.down_block_types))
     param = next(unet.parameters())
     sample = torch.zeros(1, config.in_channels, size, size, device=param.device, dtype=param.dtype)
     context = torch.zeros(1, text_length, config.cross_attention_dim, device=param.device, dtype=param.dtype)
-    unet(sample, torch.ones(1, device=param.device, dtype=torch.long), encoder_hidden_states=context)
+    added = probe_added_conditions(unet, 1, param.device, param.dtype)  # SDXL: pooled text and size ids
+    unet(sample, torch.ones(1, device=param.device, dtype=torch.long), encoder_hidden_states=context, added_cond_kwargs=added)
 
 
 def _probe_text_encoder(text_encoder: nn.Module) -> None:
@@ -82,9 +87,11 @@ class ResLoRAAdapter:
     component to its chains (lists of block names, first to run first).
     """
 
-    def __init__(self, config: ResLoRAConfig, unet: nn.Module, text_encoder: nn.Module | None) -> None:
+    def __init__(
+        self, config: ResLoRAConfig, unet: nn.Module, text_encoder: nn.Module | None, text_encoder_2: nn.Module | None = None
+    ) -> None:
         self.config = config
-        self.unet, self.text_encoder = unet, text_encoder
+        self.unet, self.text_encoder, self.text_encoder_2 = unet, text_encoder, text_encoder_2
         self.blocks: dict[str, ResLoRABlock] = {}
         self.layers: dict[str, ProbedLayer] = {}
         self.chains: dict[str, list[list[str]]] = {}
@@ -101,11 +108,24 @@ class ResLoRAAdapter:
             if component is None or name.split(".", 1)[0] == component:
                 yield name, block
 
+    @property
+    def shortcut_scale(self) -> float:
+        """γ of the shortcut terms (SPEC §3): 1 = ResLoRA as trained, 0 = plain LoRA that merges exactly."""
+        return next(iter(self.blocks.values())).shortcut_scale if self.blocks else 1.0
+
+    def set_shortcut_scale(self, scale: float) -> None:
+        """Scales every block's shortcut terms by γ = `scale` in [0, 1] (shortcut annealing, see annealing.py)."""
+        if not 0.0 <= scale <= 1.0:
+            raise ValueError(f"the shortcut scale must be in [0, 1], got {scale!r}")
+        for block in self.blocks.values():
+            block.shortcut_scale = float(scale)
+
     def input_norm_means(self) -> dict[str, float | None]:
         return {name: block.mean_input_norm() for name, block in self.blocks.items()}
 
     def __repr__(self) -> str:
-        counts = {c: sum(1 for _ in self.named_blocks(c)) for c in COMPONENTS}
+        shown = COMPONENTS if self.text_encoder_2 is not None else COMPONENTS[:2]  # SD-1.x: no second encoder
+        counts = {c: sum(1 for _ in self.named_blocks(c)) for c in shown}
         return f"ResLoRAAdapter(res_type={self.config.res_type!r}, rank={self.config.rank}, blocks={counts})"
 
     # -- state --------------------------------------------------------------------------------------
@@ -233,18 +253,27 @@ def apply_reslora(
     config: ResLoRAConfig,
     text_encoder: nn.Module | None = None,
     chains: dict[str, list[list[str]]] | None = None,
+    text_encoder_2: nn.Module | None = None,
 ) -> ResLoRAAdapter:
-    """Freezes `unet` (and `text_encoder`), adds a ResLoRA block to every target projection, links the chains.
+    """Freezes `unet` (and the text encoders), adds a ResLoRA block to every target projection, links the chains.
+
+    For SDXL pass both encoders (`text_encoder`, a `CLIPTextModel`, and `text_encoder_2`, a
+    `CLIPTextModelWithProjection`); the UNet's probe pass then feeds its added conditions, and each
+    component gets its own chains.
 
     Chains come from one probe forward pass of each model; when `chains` is given (a saved adapter), the
     probe must agree with it, else `AdapterMismatchError`. Call this after moving the base to its device
     and dtype: blocks are created in fp32 beside their layer, and `model.to(dtype)` later would cast them.
     """
-    adapter = ResLoRAAdapter(config, unet, text_encoder)
+    adapter = ResLoRAAdapter(config, unet, text_encoder, text_encoder_2)
     unet_targets = _unet_targets(unet, config.unet_targets)
-    text_targets = {}
-    if text_encoder is not None:
-        text_targets = _text_encoder_targets(text_encoder, config.text_encoder_targets)
+    encoders = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    encoders = {component: model for component, model in encoders.items() if model is not None}
+    text_targets = {
+        component: _text_encoder_targets(model, config.text_encoder_targets, component)
+        for component, model in encoders.items()
+    }
+    text_targets = {component: targets for component, targets in text_targets.items() if targets}
     if not unet_targets and not text_targets:
         raise ValueError(f"no adapter targets found: unet_targets={config.unet_targets}, text_encoder_targets={config.text_encoder_targets}")
 
@@ -253,15 +282,16 @@ def apply_reslora(
     if unet_targets:
         layers = {name: (target, linear) for name, (_path, target, linear) in unet_targets.items()}
         probed["unet"] = probe_execution_order(layers, lambda: _probe_unet(unet, text_length))
-    if text_targets:
-        probed["text_encoder"] = probe_execution_order(text_targets, lambda: _probe_text_encoder(text_encoder))
+    for component, targets in text_targets.items():
+        model = encoders[component]
+        probed[component] = probe_execution_order(targets, lambda model=model: _probe_text_encoder(model))
 
     for component, layers in probed.items():
         adapter.layers.update({layer.name: layer for layer in layers})
         adapter.chains[component] = build_chains(layers, config.res_type)
     if chains is not None:
         _check_saved_chains(adapter.chains, chains)
-    for model in (unet, text_encoder):
+    for model in (unet, text_encoder, text_encoder_2):
         if model is not None:
             model.requires_grad_(False)
 
@@ -270,15 +300,18 @@ def apply_reslora(
         tracker = ForwardPassTracker()
         _patch_unet(adapter, unet, {layer.name: unet_targets[layer.name] for layer in probed["unet"]}, tracker)
         _track_forward_passes(unet, tracker, adapter._undo)
-    if "text_encoder" in probed:
+    for component, targets in text_targets.items():  # chains per component: one tracker per model
         tracker = ForwardPassTracker()
-        _patch_text_encoder(adapter, {layer.name: text_targets[layer.name] for layer in probed["text_encoder"]}, tracker)
-        _track_forward_passes(text_encoder, tracker, adapter._undo)
+        _patch_text_encoder(adapter, {layer.name: targets[layer.name] for layer in probed[component]}, tracker)
+        _track_forward_passes(encoders[component], tracker, adapter._undo)
+    unlinked = set() if config.cross_attention_shortcuts else _cross_attention_key_value(unet, unet_targets)
     for component_chains in adapter.chains.values():
         for chain in component_chains:
             for position, name in enumerate(chain):
                 earlier = predecessors(chain, position, config.res_type, config.pre_num)
-                adapter.blocks[name].link([adapter.blocks[n] for n in earlier])
+                if name in unlinked:
+                    earlier = []
+                adapter.blocks[name].link([adapter.blocks[n] for n in earlier if n not in unlinked])
 
     if config.delta_lora:
         weights = {name: layer.weight for name, layer in adapter.base_layers.items()}
@@ -286,10 +319,21 @@ def apply_reslora(
     return adapter
 
 
+def _cross_attention_key_value(unet: nn.Module, targets: dict[str, tuple[str, str, nn.Linear]]) -> set[str]:
+    """The cross-attention `to_k` / `to_v` blocks: every one of them reads the same text embedding, so an `is`
+    shortcut there only doubles the branch (a larger step, not a shortcut); `cross_attention_shortcuts=False`
+    leaves them unlinked."""
+    return {
+        name
+        for name, (path, target, _linear) in targets.items()
+        if target in ("to_k", "to_v") and getattr(unet.get_submodule(path), "is_cross_attention", False)
+    }
+
+
 def _check_saved_chains(probed: dict[str, list[list[str]]], saved: dict[str, list[list[str]]]) -> None:
     for component in sorted(set(probed) | set(saved)):
         if component not in probed:
-            what = "a text encoder" if component == "text_encoder" else "a UNet"
+            what = {"text_encoder": "a text encoder", "text_encoder_2": "the second text encoder (text_encoder_2)"}.get(component, "a UNet")
             raise AdapterMismatchError(f"the adapter has {component} blocks: pass {what} to load it")
         if component not in saved:
             raise AdapterMismatchError(f"the adapter has no {component} blocks, but this model's {component} has targets")

@@ -4,11 +4,14 @@ This file is the only place the shortcut math lives. A block returns the adapter
 caller (the UNet attention processor or the text-encoder hook) adds it to the frozen layer's output:
 
     none: s · B_n A_n x_n
-    is:   s · B_n A_n (x_n + x_{n-1})
-    bs:   s · (Σ_{k=0..m} B_{n-k} A_{n-k}) x_n           (one concatenated low-rank product, recomputed in
-                                                          backward, or the dense ΔW when the chain is long:
-                                                          see `_bs_dense_is_cheaper`)
-    ms:   s · B_n (Σ_{k=0..m} A_{n-k} x_{n-k})
+    is:   s · B_n A_n (x_n + γ x_{n-1})
+    bs:   s · (B_n A_n + γ Σ_{k=1..m} B_{n-k} A_{n-k}) x_n   (one concatenated low-rank product, recomputed
+                                                          in backward, or the dense ΔW when the chain is
+                                                          long: see `_bs_dense_is_cheaper`)
+    ms:   s · B_n (A_n x_n + γ Σ_{k=1..m} A_{n-k} x_{n-k})
+
+γ = `shortcut_scale` (SPEC §3, merge-aware training): 1 normally; shortcut annealing takes it to 0, where
+every block is plain LoRA and merges exactly.
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ class ResLoRABlock(nn.Module):
         self.feeds_later_blocks = False
         # Off while merged weights are evaluated in place of the branch (see merge.baked_weights).
         self.active = True
+        # γ of the shortcut terms (see the module docstring); set for a whole adapter by `set_shortcut_scale`.
+        self.shortcut_scale = 1.0
         self.tracker = tracker
         tracker.blocks.append(self)
         # (pass id, tensor) that later blocks of the chain read in the same pass: the raw input for `is`,
@@ -111,6 +116,11 @@ class ResLoRABlock(nn.Module):
         return tensor
 
     @property
+    def has_shortcut(self) -> bool:
+        """Whether the branch reads earlier blocks' inputs (`is` / `ms` with a link and γ ≠ 0): no exact merge."""
+        return self.res_type in ("is", "ms") and bool(self.previous) and self.shortcut_scale != 0
+
+    @property
     def records_input_norm(self) -> bool:
         """Only `is` / `ms` blocks on a shortcut need f_n (the input-based α); `none` and `bs` merge exactly."""
         return self.res_type in ("is", "ms") and bool(self.previous or self.feeds_later_blocks)
@@ -135,17 +145,20 @@ class ResLoRABlock(nn.Module):
 
     def chain_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(B*, A*) of the effective update: [B_n … B_{n-m}], [A_n; …; A_{n-m}] for `bs`, (B, A) otherwise."""
-        if self.res_type == "bs" and self.previous:
+        if self.res_type == "bs" and self.previous and self.shortcut_scale != 0:
             return _concatenated(*self._chain_parameters())
         return self.lora_B, self.lora_A
 
     def _chain_parameters(self) -> list[nn.Parameter]:
-        """(A_n, B_n, A_{n-1}, B_{n-1}, …) of a `bs` chain: what a checkpoint keeps instead of their concatenation."""
-        return [t for block in (self, *self.previous) for t in (block.lora_A, block.lora_B)]
+        """(A_n, B_n, A_{n-1}, γB_{n-1}, …) of a `bs` chain: what a checkpoint keeps instead of their concatenation."""
+        gamma = self.shortcut_scale
+        linked = self.previous if gamma != 0 else []  # γ = 0: plain LoRA, rank r
+        earlier = [t for b in linked for t in (b.lora_A, b.lora_B if gamma == 1 else gamma * b.lora_B)]
+        return [self.lora_A, self.lora_B, *earlier]
 
     def delta_weight(self) -> torch.Tensor:
         """The exact weight change s·B*A* of `none` and `bs`; `is` / `ms` need the merge's α (see merge.py)."""
-        if self.res_type in ("is", "ms") and self.previous:
+        if self.has_shortcut:
             raise ValueError(f"{self.name}: res_type {self.res_type!r} has no exact weight change; use merge_adapter")
         up, down = self.chain_factors()
         return self.scaling * (up @ down)
@@ -164,32 +177,33 @@ class ResLoRABlock(nn.Module):
         dropped = self.dropout(self._branch_dtype(x))
 
         if self.res_type == "bs":
-            tokens, chain_rank = dropped.numel() // self.in_features, self.rank * (1 + len(self.previous))
+            factors = self._chain_parameters()
+            tokens, chain_rank = dropped.numel() // self.in_features, self.rank * len(factors) // 2
             if _bs_dense_is_cheaper(tokens, self.in_features, self.out_features, chain_rank):
-                up, down = self.chain_factors()
+                up, down = _concatenated(*factors)
                 out = F.linear(dropped, up @ down)
-            elif self.previous and torch.is_grad_enabled():
+            elif len(factors) > 2 and torch.is_grad_enabled():
                 # Storing the tokens × (m+1)·r down-projection for backward would keep (m+1)× what a LoRA
                 # keeps: recompute it in backward instead, from x (held anyway) and the parameters.
-                out = checkpoint(
-                    _bs_low_rank, dropped, *self._chain_parameters(), use_reentrant=False, preserve_rng_state=False
-                )
+                out = checkpoint(_bs_low_rank, dropped, *factors, use_reentrant=False, preserve_rng_state=False)
             else:
-                out = _bs_low_rank(dropped, *self._chain_parameters())
+                out = _bs_low_rank(dropped, *factors)
         elif self.res_type == "is":
             hidden = F.linear(dropped, self.lora_A)
-            if self.previous:
+            if self.has_shortcut:
                 previous_input = self._cached_from(self.previous[0], x.shape)
                 # A_n x_n + A_n x_{n-1}: two small products instead of a new full-size sum kept for backward.
-                hidden = hidden + F.linear(self.dropout(self._branch_dtype(previous_input)), self.lora_A)
+                shortcut = F.linear(self.dropout(self._branch_dtype(previous_input)), self.lora_A)
+                hidden = hidden + (shortcut if self.shortcut_scale == 1 else self.shortcut_scale * shortcut)
             if self.feeds_later_blocks:
                 self.cached = (pass_id, x)
             out = F.linear(hidden, self.lora_B)
         elif self.res_type == "ms":
             own = F.linear(dropped, self.lora_A)
             hidden = own
-            for block in self.previous:
-                hidden = hidden + self._cached_from(block, own.shape)
+            if self.has_shortcut:
+                earlier = sum(self._cached_from(block, own.shape) for block in self.previous)
+                hidden = hidden + (earlier if self.shortcut_scale == 1 else self.shortcut_scale * earlier)
             if self.feeds_later_blocks:
                 self.cached = (pass_id, own)
             out = F.linear(hidden, self.lora_B)

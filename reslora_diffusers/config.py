@@ -9,6 +9,9 @@ from typing import Any, Literal, get_args
 
 ResType = Literal["none", "is", "bs", "ms"]
 RES_TYPES: tuple[str, ...] = get_args(ResType)
+# How an `is` / `ms` shortcut's earlier input is estimated when merging (merge.py); here so that command lines
+# can offer the choice without importing torch.
+MERGE_METHODS: tuple[str, ...] = ("input", "weight", "lstsq", "lstsq_joint", "calibrated")
 
 DEFAULT_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DEFAULT_TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -43,6 +46,13 @@ class ResLoRAConfig:
     input_norm_window: int = field(
         default=100,
         metadata={"help": "Sliding window of per-block input Frobenius norms kept for the input-based merge."},
+    )
+    cross_attention_shortcuts: bool = field(
+        default=True,
+        metadata={
+            "help": "Link the UNet's cross-attention to_k / to_v blocks too (they all read the same text embedding, "
+            "so there a shortcut only enlarges the branch). False: those blocks are plain LoRA."
+        },
     )
 
     def __post_init__(self) -> None:

@@ -54,9 +54,13 @@ def latent_distribution(vae, batch: dict, device: torch.device, dtype: torch.dty
     return DiagonalGaussianDistribution(parameters.contiguous())
 
 
-def training_data(args, examples: list[Example], *, tokenizer, vae, text_encoder, unet, accelerator, weight_dtype) -> TrainingData:
+def training_data(args, examples: list[Example], *, tokenizer, vae, text_encoder, unet, accelerator, vae_dtype, sdxl=None) -> TrainingData:
     """The data set, its sampler and loader; with --enable_bucket prints the bucket histogram, with caching fills
-    the caches (the main process first when they are on disk, so the others read its files)."""
+    the caches (the main process first when they are on disk, so the others read its files). With `sdxl`
+    (`sdxl.SDXLConditioning`) batches also hold the second tokenizer's ids and the size / crop conditioning."""
+    if sdxl is not None and args.cache_text_embeddings:
+        # SDXL needs both encoders' states and the pooled embedding, which the cache does not hold.
+        raise DatasetError("--cache_text_embeddings is for SD 1.x / 2.x bases; an SDXL base encodes captions every step (drop the flag)")
     transform = ImageTransform(args.resolution, args.center_crop, args.random_flip, args.image_interpolation_mode)
     layout = None
     if args.enable_bucket:
@@ -76,8 +80,8 @@ def training_data(args, examples: list[Example], *, tokenizer, vae, text_encoder
         if args.cache_latents:
             dataset.latent_cache = LatentCache.build(
                 examples, targets, transform,
-                encode=lambda pixels: vae.encode(pixels.to(accelerator.device, dtype=weight_dtype)).latent_dist.parameters,
-                fingerprint=module_fingerprint(vae) if on_disk else "", dtype=weight_dtype,
+                encode=lambda pixels: vae.encode(pixels.to(accelerator.device, dtype=vae_dtype)).latent_dist.parameters,
+                fingerprint=module_fingerprint(vae) if on_disk else "", dtype=vae_dtype,
                 batch_size=args.train_batch_size, cache_dir=args.data_cache_dir, show_progress=show_progress,
             )
         if args.cache_text_embeddings:
@@ -98,6 +102,10 @@ def training_data(args, examples: list[Example], *, tokenizer, vae, text_encoder
             collated["pixel_values"] = torch.stack([example["pixel_values"] for example in batch]).contiguous()
         if text_cache is not None:
             collated["encoder_hidden_states"] = text_cache.stack(captions)
+        if sdxl is not None:  # the second tokenizer and SDXL's size / crop conditioning
+            collated["input_ids_2"] = sdxl.tokenize(captions)
+            for key in ("original_size", "crop_top_left", "target_size"):
+                collated[key + "s"] = [example[key] for example in batch]
         return collated
 
     # Its own generator: creating an iterator then draws nothing from the global one that noise comes from.

@@ -18,7 +18,9 @@ from torch import nn
 
 from .adapter import AdapterMismatchError, ResLoRAAdapter, apply_reslora
 from .atomic import atomic_write, atomic_write_text
+from .chains import ProbedLayer, build_chains
 from .config import ResLoRAConfig
+from .sdxl import is_sdxl_unet
 
 WEIGHTS_NAME = "reslora_adapter.safetensors"
 CONFIG_NAME = "reslora_config.json"
@@ -31,11 +33,33 @@ def adapter_metadata(adapter: ResLoRAAdapter) -> dict[str, Any]:
         "format": "reslora_diffusers",
         "format_version": FORMAT_VERSION,
         "config": adapter.config.to_dict(),
+        "base_family": base_family(adapter.unet),
         "chains": adapter.chains,
         "layers": {name: layer.to_dict() for name, layer in adapter.layers.items()},
         "input_norm_means": adapter.input_norm_means(),
+        # γ of the shortcut terms (annealing ends at 0: a plain LoRA); files without it were trained at 1.
+        "shortcut_scale": adapter.shortcut_scale,
         "delta_lora_started": bool(adapter.delta_lora and adapter.delta_lora.started),
     }
+
+
+def base_family(unet: nn.Module) -> str:
+    """"sdxl" for a UNet with SDXL's added conditions, else "sd" (Stable Diffusion 1.x / 2.x)."""
+    return "sdxl" if is_sdxl_unet(unet.config) else "sd"
+
+
+_FAMILY_NAMES = {"sdxl": "SDXL", "sd": "Stable Diffusion 1.x / 2.x"}
+
+
+def check_base_family(metadata: dict[str, Any], unet: nn.Module) -> None:
+    """Refuses an SD-1.x / 2.x adapter on an SDXL UNet and vice versa, naming both."""
+    saved = metadata.get("base_family") or ("sdxl" if "text_encoder_2" in metadata.get("chains", {}) else "sd")
+    here = base_family(unet)
+    if saved != here:
+        raise AdapterMismatchError(
+            f"this adapter was trained on {_FAMILY_NAMES.get(saved, saved)}, but the UNet given is "
+            f"{_FAMILY_NAMES[here]}: load it onto the kind of base it was trained on"
+        )
 
 
 def save_adapter(adapter: ResLoRAAdapter, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
@@ -70,27 +94,67 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str
     try:
         tensors = load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"{weights_path} is not a readable safetensors file: {error}") from None
+        raise ValueError(f"{weights_path} is not a readable safetensors file: {unreadable_reason(weights_path, error)}") from None
     return metadata, tensors
 
 
+# How the files most often mistaken for safetensors begin.
+_PICKLE_START = b"\x80"  # pickle protocol 2+ (torch.save before 1.6, .ckpt, .bin)
+_ZIP_START = b"PK\x03\x04"  # torch.save's zip container (.pt, .pth, .bin)
+
+
+def unreadable_reason(path: Path, error: Exception) -> str:
+    """Why safetensors could not read `path`, named by what the file is rather than by the parser's symptom."""
+    with open(path, "rb") as file:
+        start = file.read(8)
+    if start.startswith(_PICKLE_START) or start.startswith(_ZIP_START):
+        return "it is a pickled PyTorch file (torch.save / .ckpt), which is never loaded here (unpickling can run code)"
+    if len(start) < 8:
+        return f"it is truncated ({len(start)} bytes)"
+    return str(error)
+
+
+def _check_chains_match_config(metadata: dict[str, Any], config: ResLoRAConfig, config_path: Path) -> None:
+    """The saved chains were built for the saved res_type; a config edited to another one no longer describes them."""
+    by_component: dict[str, list[ProbedLayer]] = {}
+    for name, layer in metadata.get("layers", {}).items():
+        probed = ProbedLayer(name, layer["target"], layer["in_features"], layer["out_features"], tuple(layer["input_shape"]))
+        by_component.setdefault(name.split(".", 1)[0], []).append(probed)
+    for component, layers in by_component.items():
+        expected = sorted(map(tuple, build_chains(layers, config.res_type)))
+        if expected != sorted(map(tuple, metadata["chains"].get(component, []))):
+            raise ValueError(
+                f"{config_path} is inconsistent: its chains were not built for its res_type {config.res_type!r} "
+                "(was the config edited?); restore the file written with the adapter"
+            )
+
+
 def load_adapter(
-    unet: nn.Module, directory: str | os.PathLike, text_encoder: nn.Module | None = None
+    unet: nn.Module,
+    directory: str | os.PathLike,
+    text_encoder: nn.Module | None = None,
+    text_encoder_2: nn.Module | None = None,
 ) -> ResLoRAAdapter:
     """Restores a saved adapter onto a fresh base model; refuses an adapter whose layers or chains don't fit.
 
-    A `text_encoder` is needed exactly when the adapter has text-encoder blocks; one passed for an adapter
-    without them is left untouched.
+    A `text_encoder` (SDXL: and `text_encoder_2`) is needed exactly when the adapter has blocks there; one
+    passed for an adapter without them is left untouched. An SDXL adapter on an SD-1.x / 2.x UNet, or the
+    reverse, is refused by name.
     """
     metadata, tensors = read_adapter(directory)
+    check_base_family(metadata, unet)
     config = ResLoRAConfig.from_dict(metadata["config"])
+    _check_chains_match_config(metadata, config, Path(directory) / CONFIG_NAME)
     chains = metadata["chains"]
     if "text_encoder" not in chains:
         text_encoder = None
-    adapter = apply_reslora(unet, config, text_encoder=text_encoder, chains=chains)
+    if "text_encoder_2" not in chains:
+        text_encoder_2 = None
+    adapter = apply_reslora(unet, config, text_encoder=text_encoder, chains=chains, text_encoder_2=text_encoder_2)
     try:
         adapter.load_state_dict(tensors)
-    except AdapterMismatchError:
+        adapter.set_shortcut_scale(float(metadata.get("shortcut_scale", 1.0)))
+    except (AdapterMismatchError, ValueError):
         adapter.remove()
         raise
     return adapter

@@ -3,7 +3,10 @@
 `none`, `bs` and Delta-LoRA merge exactly (rank r, (m+1)·r, 2r). `is` / `ms` shortcuts read the inputs of
 earlier blocks, which a merged weight cannot see, so they are approximated with x_{n-k} ≈ α x_n and
 α is estimated three ways: `input` (paper: input-norm windows from training), `weight` (paper: norms of
-already-merged weights) and `lstsq` (ours: least squares on calibration activations of real prompts).
+already-merged weights) and `lstsq` (ours: least squares on calibration activations of real prompts, per
+link). `lstsq_joint` (all links of a block at once) and `calibrated` (the merged down-projection fitted to
+the unmerged branch) are in `merge_calibration.py`. A shortcut scale γ (annealing) scales the shortcut
+terms; at γ = 0 every block is plain LoRA and the merge is exact.
 
 Command line: `python -m reslora_diffusers.merge --help` (see `merge_cli.py`).
 """
@@ -19,9 +22,11 @@ import torch
 
 from .adapter import ResLoRAAdapter
 from .blocks import ResLoRABlock
+from .config import MERGE_METHODS
 from .formats import LoRAFactors, lora_delta
+from .merge_calibration import alpha_merged_down, collect_layer_statistics, relative_layer_error, run_with_block_hooks
 
-MERGE_METHODS = ("input", "weight", "lstsq")
+CALIBRATED_METHODS = ("lstsq", "lstsq_joint", "calibrated")  # need a calibration run
 
 Alphas = dict[str, list[float]]  # block name -> [α*_{n,1}, …, α*_{n,m}], one per linked earlier block
 
@@ -37,14 +42,14 @@ class MergeResult:
 
 
 def is_exact(adapter: ResLoRAAdapter) -> bool:
-    """True when no block reads another block's input (`none`, `bs`, or `is`/`ms` with pre_num 0)."""
-    return not any(b.res_type in ("is", "ms") and b.previous for b in adapter.blocks.values())
+    """True when no block reads another block's input (`none`, `bs`, `is`/`ms` with pre_num 0 or shortcut scale 0)."""
+    return not any(b.has_shortcut for b in adapter.blocks.values())
 
 
 # -- α estimators ---------------------------------------------------------------------------------------
 def _shortcut_blocks(adapter: ResLoRAAdapter) -> Iterator[tuple[str, ResLoRABlock]]:
     for name, block in adapter.blocks.items():
-        if block.res_type in ("is", "ms") and block.previous:
+        if block.has_shortcut:
             yield name, block
 
 
@@ -74,7 +79,7 @@ def weight_based_alphas(adapter: ResLoRAAdapter) -> Alphas:
         for chain in chains:
             for position, name in enumerate(chain):
                 block = adapter.blocks[name]
-                if block.res_type in ("is", "ms") and block.previous:
+                if block.has_shortcut:
                     alphas[name] = []
                     for k in range(1, len(block.previous) + 1):
                         if position - k - 1 < 0:
@@ -99,6 +104,7 @@ class _ShortcutStatistics:
         self.square = {name: [0.0] * len(b.previous) for name, b in _shortcut_blocks(adapter)}
         self.target_square = {name: [0.0] * len(b.previous) for name, b in _shortcut_blocks(adapter)}
         self.inputs: dict[str, torch.Tensor] = {}
+        self.reached: set[str] = set()  # shortcut blocks the calibration ran through
 
     def hook(self, name: str, block: ResLoRABlock):
         def record(_module, args):
@@ -106,6 +112,7 @@ class _ShortcutStatistics:
             self.inputs[name] = x
             if name not in self.cross:
                 return
+            self.reached.add(name)
             up = block.lora_B.detach().float()
             for k, previous in enumerate(block.previous):
                 down = (previous if block.res_type == "ms" else block).lora_A.detach().float()
@@ -137,15 +144,12 @@ class _ShortcutStatistics:
 def collect_shortcut_statistics(adapter: ResLoRAAdapter, calibration: Callable[[], object]) -> _ShortcutStatistics:
     """Runs `calibration` (forward passes of the unmerged model on real prompts) with recording hooks."""
     stats = _ShortcutStatistics(adapter)
-    handles = [block.register_forward_pre_hook(stats.hook(name, block)) for name, block in adapter.blocks.items()]
     try:
-        with torch.no_grad():
-            calibration()
+        run_with_block_hooks(adapter, stats.hook, calibration)
     finally:
-        for handle in handles:
-            handle.remove()
         stats.inputs.clear()
-    if not any(sum(v) for v in stats.square.values()) and stats.square:
+    # (Reached blocks whose branch is still zero, as before the first update, are fine: any α is exact there.)
+    if stats.square and not stats.reached:
         raise ValueError("the calibration run never reached the adapter's shortcut blocks")
     return stats
 
@@ -161,11 +165,11 @@ def _block_factors(adapter: ResLoRAAdapter, name: str, alphas: list[float] | Non
         start_up, start_down = delta.start[name]
         up = torch.cat([(1 + delta.ratio) * block.lora_B, -delta.ratio * start_up], dim=1)
         down = torch.cat([block.lora_A, start_down], dim=0)
-    elif block.res_type == "is" and block.previous:
-        up, down = (1 + alphas[0]) * block.lora_B, block.lora_A
-    elif block.res_type == "ms" and block.previous:
+    elif block.has_shortcut and block.res_type == "is":
+        up, down = (1 + block.shortcut_scale * alphas[0]) * block.lora_B, block.lora_A
+    elif block.has_shortcut:  # ms
         up = block.lora_B
-        down = block.lora_A + sum(alpha * b.lora_A for alpha, b in zip(alphas, block.previous))
+        down = block.lora_A + block.shortcut_scale * sum(alpha * b.lora_A for alpha, b in zip(alphas, block.previous))
     else:
         up, down = block.chain_factors()
     up, down = up.detach().float().cpu().contiguous(), down.detach().float().cpu().contiguous()
@@ -178,23 +182,38 @@ def merge_adapter(
 ) -> MergeResult:
     """Merges every block into plain LoRA factors; `method` matters only for `is` / `ms` shortcuts.
 
-    `calibration` runs the unmerged model on real prompts; it is required for `lstsq`.
+    `calibration` runs the unmerged model on real prompts; `lstsq`, `lstsq_joint` and `calibrated` need it.
+    Those two report the merged branches' relative error on the calibration tokens (`report`), before
+    (`lstsq_joint`) and after the fit (`calibrated`).
     """
     if method not in MERGE_METHODS:
         raise ValueError(f"unknown merge method {method!r}; choose one of {MERGE_METHODS}")
     if is_exact(adapter):
         factors = {name: _block_factors(adapter, name, None) for name in adapter.blocks}
         return MergeResult(factors=factors, method="exact")
+    if method in CALIBRATED_METHODS and calibration is None:
+        raise ValueError(f"the {method} merge needs calibration prompts (a calibration run of the unmerged model)")
+    report = {}
     if method == "input":
         alphas = input_based_alphas(adapter)
     elif method == "weight":
         alphas = weight_based_alphas(adapter)
-    else:
-        if calibration is None:
-            raise ValueError("the lstsq merge needs calibration prompts (a calibration run of the unmerged model)")
+    elif method == "lstsq":
         alphas = collect_shortcut_statistics(adapter, calibration).alphas()
+    else:
+        stats = collect_layer_statistics(adapter, calibration)
+        alphas = stats.joint_alphas()
     factors = {name: _block_factors(adapter, name, alphas.get(name)) for name in adapter.blocks}
-    return MergeResult(factors=factors, method=method, alphas=alphas)
+    if method in ("lstsq_joint", "calibrated"):
+        joint = {name: alpha_merged_down(block, alphas[name]) for name, block in stats.blocks.items()}
+        report["layer_relative_error_lstsq_joint"] = relative_layer_error(stats, joint)
+    if method == "calibrated":
+        fitted = {name: stats.calibrated_down(name, joint[name]) for name in stats.blocks}
+        for name, down in fitted.items():
+            block = adapter.blocks[name]
+            factors[name] = LoRAFactors(down=down.contiguous(), up=block.lora_B.detach().float().cpu().contiguous(), alpha=factors[name].alpha)
+        report["layer_relative_error_calibrated"] = relative_layer_error(stats, fitted)
+    return MergeResult(factors=factors, method=method, alphas=alphas, report=report)
 
 
 # -- applying merged factors to the base weights -------------------------------------------------------

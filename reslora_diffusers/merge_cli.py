@@ -13,12 +13,13 @@ import argparse
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from .atomic import atomic_write_folder, atomic_write_text
-from .cli import OneLineErrorParser
+from .cli import OneLineErrorParser, add_threads_argument, default_threads, set_threads
 from .io import load_adapter
 from .merge import (
     MERGE_METHODS,
@@ -33,6 +34,7 @@ from .merge import (
     truncate_all,
 )
 from .pipeline_io import UserInputError, load_pipeline, quiet_libraries
+from .run_safety import factor_tensors, require_finite
 
 FORMATS = ("diffusers-lora", "kohya", "diffusers", "single-file")
 DEFAULT_PROMPTS = ("fish", "french fries", "red heart", "smiling face with sunglasses", "flag: japan", "cat face")
@@ -54,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="Seed of the report's images.")
     parser.add_argument("--skip_images", action="store_true", help="Leave image PSNR out of the report (faster on big models).")
     parser.add_argument("--report", default=None, help="Where the JSON report goes (default: beside the output).")
+    add_threads_argument(parser, default=default_threads())
     args = parser.parse_args(argv)
     if args.export_rank is not None and args.export_rank <= 0:
         parser.error(f"--export_rank must be > 0, got {args.export_rank}")
@@ -65,6 +68,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     if output.exists() and not args.overwrite:
         parser.error(f"{output} exists; pass --overwrite to replace it")
     return args
+
+
+class Progress:
+    """One line per phase of a merge, with the seconds since the start: a big merge takes minutes."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __call__(self, text: str) -> None:
+        print(f"[{time.perf_counter() - self.start:7.1f} s] {text}", flush=True)
 
 
 class _UNetCallRecorder:
@@ -86,20 +99,26 @@ def _generate(pipe, prompts, args):
     return pipe(list(prompts), num_inference_steps=args.num_inference_steps, generator=generator).images
 
 
-def _outputs(pipe, unet_calls, token_ids):
+TEXT_ENCODERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}  # SDXL has both
+
+
+def _outputs(pipe, unet_calls, token_ids: dict):
     with torch.no_grad():
         unet = [pipe.unet(*a, **k)[0] for a, k in unet_calls]
-        text = pipe.text_encoder(token_ids).last_hidden_state if token_ids is not None else None
+        text = {name: getattr(pipe, name)(ids).last_hidden_state for name, ids in token_ids.items()}
     return unet, text
 
 
-def fidelity_report(pipe, adapter, args) -> tuple[dict, dict]:
+def fidelity_report(pipe, adapter, args, progress=lambda text: None) -> tuple[dict, dict]:
     """Merges with every applicable method, measures each one, and returns (report, the chosen MergeResult)."""
     prompts = args.calibration_prompts
-    token_ids = None
-    if any(name.startswith("text_encoder.") for name in adapter.blocks):
-        token_ids = pipe.tokenizer(list(prompts), padding="max_length", truncation=True, return_tensors="pt").input_ids
+    token_ids = {}
+    for encoder, tokenizer in TEXT_ENCODERS.items():
+        if any(name.startswith(encoder + ".") for name in adapter.blocks):
+            tokenize = getattr(pipe, tokenizer)
+            token_ids[encoder] = tokenize(list(prompts), padding="max_length", truncation=True, return_tensors="pt").input_ids
 
+    progress("unmerged reference: UNet and text-encoder outputs" + ("" if args.skip_images else ", images"))
     recorder = _UNetCallRecorder(pipe.unet)
     try:
         reference_images = _generate(pipe, prompts[:2], args) if not args.skip_images else None
@@ -114,20 +133,23 @@ def fidelity_report(pipe, adapter, args) -> tuple[dict, dict]:
         pipe(list(prompts), num_inference_steps=min(8, args.num_inference_steps), generator=torch.Generator().manual_seed(args.seed + 1), output_type="latent")
 
     methods = ["exact"] if is_exact(adapter) else list(MERGE_METHODS)
+    if methods != ["exact"]:
+        progress("shortcut statistics on the calibration prompts")
     stats = None if methods == ["exact"] else collect_shortcut_statistics(adapter, calibration)
     report = {"res_type": adapter.config.res_type, "pre_num": adapter.config.pre_num, "chosen": None, "methods": {}}
     chosen = None
-    for method in methods:
+    for number, method in enumerate(methods, 1):
+        progress(f"merging and measuring: {method} ({number}/{len(methods)})")
         result = merge_adapter(adapter, args.merge_method if method == "exact" else method, calibration)
-        entry = {"alpha": alpha_statistics(result.alphas)}
-        if stats is not None:
+        entry = {"alpha": alpha_statistics(result.alphas), **result.report}
+        if stats is not None and method != "calibrated":  # the α objective; calibrated factors are not α-based
             entry["calibration_objective"] = sum(stats.objective(result.alphas).values())
         with baked_weights(adapter, result.factors):
             merged_unet, merged_text = _outputs(pipe, unet_calls, token_ids)
             merged_images = _generate(pipe, prompts[:2], args) if not args.skip_images else None
         entry["unet_relative_error"] = max(relative_error(m, r) for m, r in zip(merged_unet, reference_unet))
-        if reference_text is not None:
-            entry["text_encoder_relative_error"] = relative_error(merged_text, reference_text)
+        for encoder, reference in reference_text.items():
+            entry[f"{encoder}_relative_error"] = relative_error(merged_text[encoder], reference)
         if reference_images is not None:
             entry["image_psnr_db"] = min(image_psnr(m, r) for m, r in zip(merged_images, reference_images))
         report["methods"][method] = entry
@@ -139,26 +161,27 @@ def fidelity_report(pipe, adapter, args) -> tuple[dict, dict]:
 
 def print_report(report: dict) -> None:
     print(f"merge fidelity ({report['res_type']}, pre_num {report['pre_num']}; merged vs unmerged, same inputs and seed)")
-    print(f"{'method':<8} {'alpha mean [min, max]':<26} {'UNet rel.err':>12} {'text rel.err':>12} {'image PSNR':>11}")
+    print(f"{'method':<11} {'alpha mean [min, max]':<26} {'UNet rel.err':>12} {'text rel.err':>12} {'image PSNR':>11}")
     for method, entry in report["methods"].items():
         alpha = entry["alpha"]
         alpha_text = f"{alpha['mean']:.3f} [{alpha['min']:.3f}, {alpha['max']:.3f}]" if alpha["count"] else "-"
-        text_error = entry.get("text_encoder_relative_error")
+        text_errors = [entry[f"{e}_relative_error"] for e in TEXT_ENCODERS if f"{e}_relative_error" in entry]
+        text_error = max(text_errors) if text_errors else None  # SDXL: the worse of its two encoders
         psnr = entry.get("image_psnr_db")
         mark = " *" if method == report["chosen"] else ""
         print(
-            f"{method:<8} {alpha_text:<26} {entry['unet_relative_error']:>12.2e} "
+            f"{method:<11} {alpha_text:<26} {entry['unet_relative_error']:>12.2e} "
             f"{'-' if text_error is None else f'{text_error:.2e}':>12} "
             f"{'-' if psnr is None else ('inf' if math.isinf(psnr) else f'{psnr:.1f} dB'):>11}{mark}"
         )
 
 
 def write_output(pipe, adapter, factors, args, metadata: dict[str, str]) -> Path:
-    from .formats import save_diffusers_lora, save_kohya_lora, save_single_file_checkpoint
+    from .formats import kohya_model_configs, save_diffusers_lora, save_kohya_lora, save_single_file_checkpoint
 
     output = Path(args.output)
     if args.format == "kohya":
-        return save_kohya_lora(factors, output, metadata)
+        return save_kohya_lora(factors, output, metadata, **kohya_model_configs(pipe))
     if args.format == "diffusers-lora":
         return atomic_write_folder(output, lambda folder: save_diffusers_lora(factors, folder, metadata))
     merge_into_base(adapter, factors)
@@ -170,22 +193,37 @@ def write_output(pipe, adapter, factors, args, metadata: dict[str, str]) -> Path
 
 
 def run(args: argparse.Namespace) -> dict:
+    progress = Progress()
+    progress(f"loading the base {args.base}")
     pipe = load_pipeline(args.base, args.base_config)
     pipe.set_progress_bar_config(disable=True)
-    adapter = load_adapter(pipe.unet, args.adapter, text_encoder=pipe.text_encoder)
-    print(f"loaded {adapter} from {args.adapter}")
-    report, result = fidelity_report(pipe, adapter, args)
+    adapter = load_adapter(
+        pipe.unet, args.adapter, text_encoder=pipe.text_encoder, text_encoder_2=getattr(pipe, "text_encoder_2", None)
+    )
+    progress(f"loaded {adapter} from {args.adapter}")
+    report, result = fidelity_report(pipe, adapter, args, progress)
     factors = result.factors
     if args.export_rank is not None:
+        progress(f"re-compressing to rank {args.export_rank}")
+        merged_rank = max(f.down.shape[0] for f in factors.values())
         factors, energies = truncate_all(factors, args.export_rank)
         values = list(energies.values())
-        report["export_rank"] = {"rank": args.export_rank, "energy_kept_min": min(values), "energy_kept_mean": sum(values) / len(values)}
+        report["export_rank"] = {
+            "requested": args.export_rank,
+            "rank": max(f.down.shape[0] for f in factors.values()),  # the largest rank written
+            "merged_rank": merged_rank,
+            "energy_kept_min": min(values),
+            "energy_kept_mean": sum(values) / len(values),
+        }
+    # A non-finite merge is never written (an adapter trained into NaN, or an α estimate that blew up).
+    require_finite(factor_tensors(factors), f"the {report['chosen']} merge of {args.adapter}")
     metadata = {
         "reslora_res_type": adapter.config.res_type,
         "reslora_pre_num": str(adapter.config.pre_num),
         "reslora_merge_method": report["chosen"],
         "reslora_config": adapter.config.to_json(),
     }
+    progress(f"writing {args.format} to {args.output}")
     output = write_output(pipe, adapter, factors, args, metadata)
     report["output"] = str(output)
     report["format"] = args.format
@@ -194,17 +232,21 @@ def run(args: argparse.Namespace) -> dict:
     print_report(report)
     if "export_rank" in report:
         e = report["export_rank"]
-        print(f"re-compressed to rank {e['rank']}: energy kept min {e['energy_kept_min']:.4f}, mean {e['energy_kept_mean']:.4f}")
+        if e["rank"] < e["merged_rank"]:
+            print(f"re-compressed to rank {e['rank']}: energy kept min {e['energy_kept_min']:.4f}, mean {e['energy_kept_mean']:.4f}")
+        else:
+            print(f"--export_rank {e['requested']} is not below the merged rank ({e['merged_rank']}): written at rank {e['rank']}, unchanged")
     print(f"wrote {args.format} to {output}\nreport: {report_path}")
     return report
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    set_threads(args.threads)
     quiet_libraries()
     try:
         run(args)
-    except (UserInputError, ValueError, FileNotFoundError) as error:
+    except (UserInputError, ValueError, FileNotFoundError) as error:  # NonFiniteError is a ValueError
         sys.stderr.write(f"error: {error}\n")
         return 2
     return 0

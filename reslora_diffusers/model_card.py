@@ -26,6 +26,11 @@ def _relative(path: Path, root: Path) -> str:
     return Path(os.path.relpath(path, root)).as_posix()
 
 
+def _reference(name: str, output_dir: Path) -> str:
+    """A local path as seen from the card's folder (a card moves with its folder; an absolute path would not), else a Hub id."""
+    return _relative(Path(name), output_dir) if Path(name).exists() else name
+
+
 def model_card(
     *,
     output_dir: Path,
@@ -40,8 +45,17 @@ def model_card(
     validation_prompts: list[str],
     trained_text_encoder: bool,
     resolved_config: dict | None = None,
+    sdxl: bool = False,
+    repo_id: str | None = None,
 ) -> str:
-    """The card's Markdown: what was trained on what, with which settings, and how to load each file."""
+    """The card's Markdown: what was trained on what, with which settings, and how to load each file.
+
+    Local paths (base model, data) are written relative to `output_dir`; the adapter is "." (the card's own
+    folder) or `repo_id` when it is uploaded to the Hub.
+    """
+    base_model = _reference(base_model, output_dir)
+    dataset = _reference(dataset, output_dir)
+    adapter_location = repo_id or "."
     kohya = _relative(kohya_file, output_dir)
     lora_name = kohya_file.stem
     merge_note = (
@@ -51,6 +65,10 @@ def model_card(
         f"with the `{merge_method}` method (ResLoRA, arXiv 2402.18039)"
     )
     text_encoder_note = "UNet and CLIP text encoder" if trained_text_encoder else "UNet"
+    if sdxl and trained_text_encoder:
+        text_encoder_note = "UNet and both CLIP text encoders"
+    pipeline_class = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+    encoders = ", text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2)" if sdxl else ", text_encoder=pipe.text_encoder)"
     lines = [
         "---",
         f"base_model: {base_model}",
@@ -103,7 +121,7 @@ def model_card(
         "|---|---|---|",
         "| `reslora_adapter.safetensors` + `reslora_config.json` | the native adapter (unmerged, with its chains) | `reslora_diffusers.load_adapter`, further training, `python -m reslora_diffusers.merge` |",
         "| `pytorch_lora_weights.safetensors` | merged plain LoRA, diffusers / PEFT keys | `pipe.load_lora_weights` |",
-        f"| `{kohya}` | merged plain LoRA, kohya keys with each module's real alpha | AUTOMATIC1111, ComfyUI, kohya sd-scripts |",
+        f"| `{kohya}` | merged plain LoRA, kohya keys; one alpha, each module's own scale folded into its lora_up | AUTOMATIC1111, ComfyUI, kohya sd-scripts |",
         "| `validation/` | validation image grids | |",
         "| `metrics.jsonl`, `logs/` | loss, learning rate and speed per step; TensorBoard logs | `tensorboard --logdir logs` |",
         "",
@@ -116,22 +134,23 @@ def model_card(
         "diffusers (merged LoRA):",
         "",
         "```python",
-        "from diffusers import StableDiffusionPipeline",
+        f"from diffusers import {pipeline_class}",
         "",
-        f'pipe = StableDiffusionPipeline.from_pretrained("{base_model}")',
-        f'pipe.load_lora_weights("{output_dir.as_posix()}")',
+        f'pipe = {pipeline_class}.from_pretrained("{base_model}")',
+        f'pipe.load_lora_weights("{adapter_location}")' + ("" if repo_id else "  # this folder"),
         f'image = pipe("{validation_prompts[0] if validation_prompts else "a photo"}").images[0]',
         "```",
         "",
         "diffusers (native adapter, exactly as trained):",
         "",
         "```python",
-        "from diffusers import StableDiffusionPipeline",
+        f"from diffusers import {pipeline_class}",
         "from reslora_diffusers import load_adapter",
         "",
-        f'pipe = StableDiffusionPipeline.from_pretrained("{base_model}")',
-        f'adapter = load_adapter(pipe.unet, "{output_dir.as_posix()}"'
-        + (", text_encoder=pipe.text_encoder)" if trained_text_encoder else ")"),
+        f'pipe = {pipeline_class}.from_pretrained("{base_model}")',
+        f'adapter = load_adapter(pipe.unet, "{adapter_location}"'
+        + (encoders if trained_text_encoder else ")")
+        + ("" if repo_id else "  # this folder"),
         f'image = pipe("{validation_prompts[0] if validation_prompts else "a photo"}").images[0]',
         "```",
         "",

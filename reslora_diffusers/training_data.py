@@ -101,7 +101,7 @@ def _read_metadata(path: Path) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise DatasetError(f"{path}, line {number} is not valid JSON: {error.msg}") from None
+            raise DatasetError(f"{path}, line {number} is not valid JSON: {error.msg} (column {error.colno})") from None
         if not isinstance(row, dict):
             raise DatasetError(f"{path}, line {number} must be a JSON object, got {type(row).__name__}")
         rows.append(row)
@@ -238,9 +238,24 @@ class ImageTransform:
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
         return pixels / 127.5 - 1.0
 
+    def crop_top_left(self, size: Size, target: Size, augmentation: Augmentation) -> tuple[int, int]:
+        """SDXL's crop conditioning: the crop's (top, left) in the resized image; a flipped image's crop is
+        measured in the flipped image."""
+        width = self.resized_size(size, target)[0]
+        left = width - target[0] - augmentation.left if augmentation.flip else augmentation.left
+        return augmentation.top, left
+
     def __call__(self, image: Image.Image, generator: torch.Generator, target: Size | None = None) -> torch.Tensor:
+        return self.with_geometry(image, generator, target)[0]
+
+    def with_geometry(
+        self, image: Image.Image, generator: torch.Generator, target: Size | None = None
+    ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """The pixels, the original (height, width) and the crop's (top, left): SDXL's size and crop conditioning."""
         target = target or (self.resolution, self.resolution)
-        return self.apply(image, target, self.draw(image.size, target, generator))
+        augmentation = self.draw(image.size, target, generator)
+        original_size = (image.height, image.width)
+        return self.apply(image, target, augmentation), original_size, self.crop_top_left(image.size, target, augmentation)
 
 
 @dataclass(frozen=True)
@@ -268,7 +283,9 @@ class CaptionOptions:
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
-    """Yields {"pixel_values": 3×H×W in [-1, 1], "caption": str}; an image with several captions gets a random one.
+    """Yields {"pixel_values": 3×H×W in [-1, 1], "caption": str, "original_size", "crop_top_left", "target_size"}
+    ((height, width) pairs and the crop's (top, left), SDXL's conditioning); an image with several captions gets a
+    random one.
 
     `targets` gives each example's size (its aspect-ratio bucket); by default every example is a
     `resolution`-sided square. An example with `repeats` N appears N times. With a latent cache
@@ -309,11 +326,17 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         generator = torch.Generator().manual_seed(seed)
         if self.latent_cache is not None:
             # The same draws as from pixels, so the caption below is drawn from the same generator state.
-            augmentation = self.transform.draw(self.latent_cache.image_size(example), target, generator)
+            size = self.latent_cache.image_size(example)
+            augmentation = self.transform.draw(size, target, generator)
             item = {"latent_parameters": self.latent_cache.get(example, augmentation.flip)}
         else:
             image = example.open()
-            item = {"pixel_values": self.transform.apply(image, target, self.transform.draw(image.size, target, generator))}
+            size = image.size
+            augmentation = self.transform.draw(size, target, generator)
+            item = {"pixel_values": self.transform.apply(image, target, augmentation)}
+        item["original_size"] = (size[1], size[0])
+        item["crop_top_left"] = self.transform.crop_top_left(size, target, augmentation)
+        item["target_size"] = (target[1], target[0])
         captions = example.captions
         caption = captions[int(torch.randint(len(captions), (), generator=generator))] if len(captions) > 1 else captions[0]
         item["caption"] = self.caption_options(caption, generator) if self.caption_options.random else caption

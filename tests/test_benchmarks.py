@@ -1,7 +1,6 @@
 """The benchmark scripts run end to end (tiny settings, subprocesses): they print their tables and write valid JSON."""
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -106,27 +105,57 @@ def emoji_folders(root: Path) -> tuple[Path, Path]:
     return folders[0], folders[1]
 
 
-def test_convergence_quick_prints_table_and_writes_json(tmp_path):
+def test_convergence_quick_judges_the_merged_model_and_writes_json(tmp_path):
     tiny_pipeline(tmp_path / "base")
     noto, twemoji = emoji_folders(tmp_path)
-    methods = ["lora", "is", "ms_m1", "delta"]
-    result = run_script(
+    methods = ["lora", "ms_m1+", "ms_m1_anneal+"]
+    args = [
         "benchmarks/convergence.py", "--quick", "--base", tmp_path / "base", "--noto_dir", noto, "--twemoji_dir", twemoji,
-        "--methods", ",".join(methods), "--steps", "4", "--eval_every", "2", "--batch_size", "4", "--image_prompts", "3",
-        "--sample_steps", "2", "--classifier_steps", "50", "--lr_sweep", "1e-2", "--device", "cpu", "--threads", "1", "--out_dir", tmp_path / "out",
-    )  # fmt: skip
-    assert "| method" in result.stdout and "speed-up vs LoRA" in result.stdout and "Learning-rate sweep" in result.stdout
-    data = json.loads((tmp_path / "out" / "convergence_quick.json").read_text())
-    assert data["eval_steps"] == [0, 2, 4]
-    assert len(data["runs"]) == 2 * len(methods)
-    for run in data["runs"]:
-        assert len(run["heldout_loss"]) == 3 and all(math.isfinite(v) for v in run["heldout_loss"])
+        "--methods", ",".join(methods), "--steps", "4", "--eval_every", "2", "--batch_size", "4", "--image_prompts", "2",
+        "--sample_steps", "2", "--classifier_steps", "20", "--lr_grid", "1e-2,3e-2", "--lr_extend", "0", "--seeds", "0,1",
+        "--val_fraction", "0.3", "--calibration_batches", "2", "--device", "cpu", "--threads", "1", "--out_dir", tmp_path / "out",
+    ]  # fmt: skip
+    result = run_script(*args, timeout=600)
+    assert "The merged (deployed) model" in result.stdout and "Learning rate" in result.stdout
+    data = json.loads((tmp_path / "out" / "convergence_merged_quick.json").read_text())
+    assert data["eval_steps"] == [0, 2, 4] and len(data["settings"]["base_unet_sha256"]) == 64
     # Every method starts from the base model (B = 0): the same held-out loss at step 0.
     assert len({round(run["heldout_loss"][0], 10) for run in data["runs"]}) == 1
-    summary = data["summary"]
-    assert list(summary["methods"]) == methods and set(summary["lr_sweep"]) == set(methods)
-    assert summary["methods"]["lora"]["vs_lora_mean_curve"]["speedup"] == pytest.approx(1.0)
-    for row in summary["methods"].values():
-        assert 0 <= row["image_metrics_mean"]["p_twemoji"] <= 1 and -1 <= row["image_metrics_mean"]["ssim"] <= 1
-    assert (tmp_path / "out" / "convergence_quick.png").is_file()
-    assert (tmp_path / "out" / "convergence_quick_samples.png").is_file()
+    selection, summary = data["summary"]["lr_selection"], data["summary"]["methods"]
+    assert set(selection) == {"lora", "ms_m1+"}  # the annealed variant takes its parent's lr
+    for s in selection.values():  # chosen on the merged model's validation loss
+        assert len(s["val_merged_best"]) == 2 and s["best_lr"] == float(min(s["val_merged_best"], key=s["val_merged_best"].get))
+    assert list(summary) == methods and summary["ms_m1_anneal+"]["lr"] == selection["ms_m1+"]["best_lr"]
+    for row in summary.values():
+        assert row["seeds"] == [0, 1] and row["unmerged"]["std"] is not None and row["merged_vs_lora"]["ci95"] is not None
+        assert 0 <= row["image_metrics_merged"]["p_twemoji"]["mean"] <= 1
+    assert summary["lora"]["merged_vs_lora"]["mean"] == 0.0
+    for run in data["runs"]:
+        exact = run["method"] != "ms_m1+"
+        assert set(run["merged"]) == ({"exact"} if exact else {"input", "weight", "lstsq", "lstsq_joint", "calibrated"})
+        if exact:  # exact merges reproduce the unmerged model
+            assert run["merged"]["exact"]["heldout"] == pytest.approx(run["heldout_loss"][-1], rel=1e-5)
+        if run["method"] == "ms_m1_anneal+":
+            assert run["shortcut_scale"] == [1.0, 0.0]
+    assert (tmp_path / "out" / "convergence_merged_quick.png").is_file()
+    assert (tmp_path / "out" / "convergence_merged_quick_samples.png").is_file()
+    # --resume with another thread count refuses (CPU results depend on it).
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    refused = subprocess.run([sys.executable, *map(str, args[:-4]), "--threads", "2", "--out_dir", tmp_path / "out", "--resume"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert refused.returncode == 2 and "threads" in refused.stderr.strip().splitlines()[-1]
+
+
+def test_the_lr_grid_grows_past_an_edge_optimum():
+    from benchmarks.convergence import lr_candidates
+    from benchmarks.convergence_stats import describe, monotone
+
+    grid = [1e-3, 2e-3, 4e-3]
+    assert lr_candidates(grid, {1e-3: 0.5}, 2) == [2e-3, 4e-3]
+    assert lr_candidates(grid, {1e-3: 0.5, 2e-3: 0.4, 4e-3: 0.3}, 2) == [pytest.approx(8e-3)]
+    assert lr_candidates(grid, {1e-3: 0.2, 2e-3: 0.4, 4e-3: 0.3}, 2) == [pytest.approx(5e-4)]
+    assert lr_candidates(grid, {1e-3: 0.5, 2e-3: 0.2, 4e-3: 0.3}, 2) == []  # optimum inside
+    assert lr_candidates(grid, {5e-4: 0.1, 1e-3: 0.2, 2e-3: 0.4, 4e-3: 0.3, 8e-3: 0.5}, 2) == []  # extended twice
+    assert monotone([5, 4, 4.5, 3, 3.2, 3.1, 2]) == [5, 4.25, 4.25, 3.1, 3.1, 3.1, 2]
+    d = describe([1.0, 2.0, 3.0])
+    assert d["std"] == 1.0 and d["ci95"] == pytest.approx(4.303 / 3**0.5)

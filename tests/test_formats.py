@@ -11,11 +11,12 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from reslora_diffusers import formats
 from reslora_diffusers.formats import (
     LoRAFactors,
+    kohya_base_model_version,
     kohya_name,
     kohya_name_to_key,
     ldm_path_to_unet,
@@ -27,7 +28,18 @@ from reslora_diffusers.formats import (
     single_file_state_dict,
     unet_path_to_ldm,
 )
-from tiny_models import CROSS_DIM, MAX_TOKENS, sd15_shaped_unet, tiny_pipeline, tiny_text_encoder, tiny_vae, token_ids
+from reslora_diffusers import ResLoRAConfig, apply_reslora
+from reslora_diffusers.merge import baked_weights, merge_adapter, relative_error
+from tiny_models import (
+    CROSS_DIM,
+    MAX_TOKENS,
+    perturb_adapter,
+    sd15_shaped_unet,
+    tiny_pipeline,
+    tiny_text_encoder,
+    tiny_vae,
+    token_ids,
+)
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -83,7 +95,7 @@ def probe(pipe):
 
 
 def merged_reference(pipe, factors):
-    """The base pipeline with W += (alpha / rank) · up @ down written out here, independently of formats.py."""
+    """The base pipeline with W += (alpha / rank) · up @ down written out here, independently of the formats package."""
     merged = copy.deepcopy(pipe)
     with torch.no_grad():
         for key, f in factors.items():
@@ -130,14 +142,6 @@ def test_diffusers_lora_loads_with_correct_strength(pipeline_dir, cases, tmp_pat
     assert_outputs_close(probe(pipe), expected, base)
 
 
-def test_kohya_lora_loads_in_diffusers(pipeline_dir, cases, tmp_path):
-    factors, expected, base = cases["uniform"]
-    path = save_kohya_lora(factors, tmp_path / "lora.safetensors", {"reslora_res_type": "bs"})
-    pipe = load_pipeline(pipeline_dir)
-    pipe.load_lora_weights(str(path))
-    assert_outputs_close(probe(pipe), expected, base)
-
-
 def apply_like_comfyui(pipe, path):
     """What kohya / A1111 / ComfyUI do with the file: names from kohya's create_modules on a transformers-4
     CLIPTextModel (paths start with ``text_model.``), and W += (alpha / lora_down.shape[0]) · up @ down."""
@@ -168,24 +172,40 @@ def test_kohya_lora_has_comfyui_strength(pipeline_dir, cases, tmp_path, alphas):
     apply_like_comfyui(pipe, path)
     assert_outputs_close(probe(pipe), expected, base)
     state = load_file(str(path))
-    for key, f in factors.items():
-        assert state[kohya_name(key) + ".alpha"].item() == f.alpha  # the real alpha, module by module
+    (alpha,) = {state[kohya_name(key) + ".alpha"].item() for key in factors}  # one alpha for every module
+    for key, f in factors.items():  # ... and each module's own scale folded into its lora_up
+        name = kohya_name(key)
+        written = LoRAFactors(state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"], alpha)
+        torch.testing.assert_close(lora_delta(written), lora_delta(f), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.filterwarnings("ignore:The following alpha_pattern keys did not match")
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="diffusers 0.42.1 turns kohya .alpha keys into alpha_pattern entries that match no module "
-    "('...attn1.processor.to_q_lora.down.weight', 'text_model.encoder.layers.0.self_attn'), so with "
-    "per-module alphas every module gets the most common alpha; use the diffusers-format file there",
-)
-def test_kohya_lora_with_mixed_alphas_in_diffusers(pipeline_dir, cases, tmp_path):
-    factors, expected, base = cases["mixed"]
-    path = save_kohya_lora(factors, tmp_path / "lora.safetensors", {})
+@pytest.mark.parametrize("alphas", ["uniform", "mixed"])
+def test_kohya_lora_loads_in_diffusers_at_every_modules_strength(pipeline_dir, cases, tmp_path, alphas):
+    factors, expected, base = cases[alphas]
+    path = save_kohya_lora(factors, tmp_path / "lora.safetensors", {"reslora_res_type": "bs"})
     pipe = load_pipeline(pipeline_dir)
     pipe.load_lora_weights(str(path))
     assert_outputs_close(probe(pipe), expected, base)
+
+
+def test_bs_kohya_export_loaded_by_diffusers_reproduces_the_merged_model(pipeline_dir, tmp_path):
+    """A bs merge's rank grows along each chain, so its modules have different alphas (issue 12, item 11)."""
+    pipe = load_pipeline(pipeline_dir)
+    config = ResLoRAConfig(res_type="bs", rank=2, lora_alpha=4.0)
+    adapter = apply_reslora(pipe.unet, config, text_encoder=pipe.text_encoder)
+    perturb_adapter(adapter, std=0.3)
+    factors = merge_adapter(adapter).factors
+    assert len({f.alpha for f in factors.values()}) > 1
+    with baked_weights(adapter, factors):
+        expected = probe(pipe)
+    adapter.remove()
+    base = probe(pipe)
+    path = save_kohya_lora(factors, tmp_path / "bs.safetensors", {})
+    loaded = load_pipeline(pipeline_dir)
+    loaded.load_lora_weights(str(path))
+    for got, want, before in zip(probe(loaded), expected, base):
+        assert relative_error(want, before) > 1e-2, "the adapter must visibly change the output"
+        assert relative_error(got, want) <= 1e-4
 
 
 def test_kohya_metadata(cases, tmp_path):
@@ -204,7 +224,22 @@ def test_kohya_metadata(cases, tmp_path):
     path = save_kohya_lora(same_rank, tmp_path / "b.safetensors", {"ss_output_name": "named"})
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-    assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_output_name"]) == ("2", "Dynamic", "named")
+    alpha = load_file(str(path))[kohya_name(next(iter(mixed))) + ".alpha"].item()
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_output_name"]) == ("2", str(alpha), "named")
+
+
+def test_kohya_base_model_version_follows_the_base(cases, tmp_path):
+    """SD-2's text encoder is OpenCLIP ViT-H (gelu); its exports must not be labelled sd_v1 (issue 11)."""
+    factors = cases["uniform"][0]
+    unet_config = dict(tiny_pipeline().unet.config)
+    sd1_text, sd2_text = {"hidden_act": "quick_gelu"}, {"hidden_act": "gelu"}
+    assert kohya_base_model_version(unet_config, sd1_text) == "sd_v1"
+    assert kohya_base_model_version(unet_config, sd2_text) == "sd_v2"
+    assert kohya_base_model_version({**unet_config, "cross_attention_dim": 1024}) == "sd_v2"
+    path = save_kohya_lora(factors, tmp_path / "sd2.safetensors", {}, unet_config=unet_config, text_encoder_config=sd2_text)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_base_model_version"], meta["ss_v2"]) == ("sd_v2", "True")
 
 
 def test_load_kohya_lora_round_trip(cases, tmp_path):
@@ -213,9 +248,9 @@ def test_load_kohya_lora_round_trip(cases, tmp_path):
     loaded = load_kohya_lora(save_kohya_lora(half, tmp_path / "lora.safetensors", {}))
     assert loaded.keys() == half.keys()
     for key, f in half.items():
-        assert loaded[key].alpha == f.alpha and loaded[key].down.dtype == torch.float16
+        assert loaded[key].down.dtype == loaded[key].up.dtype == torch.float16
         torch.testing.assert_close(loaded[key].down, f.down, rtol=0, atol=0)
-        torch.testing.assert_close(loaded[key].up, f.up, rtol=0, atol=0)
+        assert relative_error(lora_delta(loaded[key]), lora_delta(f)) < 1e-3  # the fp16 lora_up was rescaled
     # the transformers-4 spelling of a text-encoder key names the same module
     key = "text_encoder.encoder.layers.1.self_attn.out_proj"
     legacy = {"text_encoder.text_model." + key.removeprefix("text_encoder."): factors[key]}
@@ -224,7 +259,7 @@ def test_load_kohya_lora_round_trip(cases, tmp_path):
 
 def test_kohya_file_without_alpha_means_alpha_equals_rank(tmp_path):
     name = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k"
-    formats.save_file(
+    save_file(
         {f"{name}.lora_down.weight": torch.ones(3, 8), f"{name}.lora_up.weight": torch.ones(4, 3)},
         str(tmp_path / "old.safetensors"),
     )
@@ -380,7 +415,7 @@ def test_writes_are_atomic(cases, tmp_path, monkeypatch):
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(formats, "save_file", fail)
+    monkeypatch.setattr(formats.safetensors_files, "save_file", fail)
     with pytest.raises(OSError, match="disk full"):
         save_kohya_lora(factors, path, {})
     assert path.read_bytes() == before
@@ -452,7 +487,8 @@ def test_bad_arguments_raise(tmp_path):
 @pytest.mark.parametrize(
     "name, message",
     [
-        ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", "neither"),
+        ("lora_te3_text_model_encoder_layers_0_self_attn_q_proj", "none of"),
+        ("lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q", "pass the UNet config"),
         ("lora_unet_down_blocks_0_resnets_0_conv1", "supported Linear layer"),
         ("lora_unet_mid_block_attentions_0_proj_in", "supported Linear layer"),
     ],
@@ -464,10 +500,10 @@ def test_bad_kohya_names_raise(name, message):
 
 def test_bad_kohya_files_raise(tmp_path):
     name = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q"
-    formats.save_file({f"{name}.lora_down.weight": torch.ones(2, 8)}, str(tmp_path / "a.safetensors"))
+    save_file({f"{name}.lora_down.weight": torch.ones(2, 8)}, str(tmp_path / "a.safetensors"))
     with pytest.raises(ValueError, match="lacks lora_down.weight or lora_up.weight"):
         load_kohya_lora(tmp_path / "a.safetensors")
-    formats.save_file(
+    save_file(
         {
             f"{name}.lora_down.weight": torch.ones(2, 8),
             f"{name}.lora_up.weight": torch.ones(8, 2),
@@ -477,7 +513,7 @@ def test_bad_kohya_files_raise(tmp_path):
     )
     with pytest.raises(ValueError, match="not a plain LoRA tensor"):
         load_kohya_lora(tmp_path / "b.safetensors")
-    formats.save_file(
+    save_file(
         {f"{name}.lora_down.weight": torch.ones(2, 8, 1, 1), f"{name}.lora_up.weight": torch.ones(8, 2, 1, 1)},
         str(tmp_path / "c.safetensors"),
     )
@@ -489,9 +525,9 @@ def test_ldm_conversion_rejects_what_it_cannot_map(pipeline_dir, tmp_path):
     config = dict(sd15_shaped_unet().config)
     with pytest.raises(ValueError, match="unknown child 'foo'"):
         unet_path_to_ldm("down_blocks.0.resnets.0.foo.weight", config)
-    with pytest.raises(ValueError, match="not part of an SD-1.x-shaped model"):
+    with pytest.raises(ValueError, match="not part of an SD-1.x / SDXL-shaped model"):
         unet_path_to_ldm("down_blocks.4.resnets.0.conv1.weight", config)
-    with pytest.raises(ValueError, match="not part of an SD-1.x-shaped model"):
+    with pytest.raises(ValueError, match="not part of an SD-1.x / SDXL-shaped model"):
         ldm_path_to_unet("input_blocks.12.0.in_layers.0.weight", config)
     with pytest.raises(ValueError, match="mid block"):
         unet_path_to_ldm("conv_in.weight", {**config, "mid_block_type": "UNetMidBlock2D"})

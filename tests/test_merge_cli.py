@@ -78,10 +78,10 @@ def test_full_merge_has_the_base_cost_and_a_fidelity_report(base_dir, merged_dir
     assert set(merged.unet.state_dict()) == set(base.unet.state_dict())
     assert image_psnr(images(merged)[0] * 255, images(base)[0] * 255) < 60  # the adapter changed the images
     report = json.loads((merged_dir.parent / "merged.merge_report.json").read_text())
-    assert report["chosen"] == "lstsq" and set(report["methods"]) == {"input", "weight", "lstsq"}
+    assert report["chosen"] == "lstsq" and set(report["methods"]) == {"input", "weight", "lstsq", "lstsq_joint", "calibrated"}
     for entry in report["methods"].values():
         assert 0 < entry["unet_relative_error"] < 1 and entry["alpha"]["count"] > 0 and "image_psnr_db" in entry
-    objective = {m: e["calibration_objective"] for m, e in report["methods"].items()}
+    objective = {m: e["calibration_objective"] for m, e in report["methods"].items() if m != "calibrated"}
     assert objective["lstsq"] <= min(objective["input"], objective["weight"]) * (1 + 1e-9)
 
 
@@ -143,10 +143,64 @@ def test_bad_input_gives_one_clear_line_and_writes_nothing(base_dir, is_adapter,
     for name in ("reslora_config.json", "reslora_adapter.safetensors"):
         (corrupt / name).write_bytes((is_adapter / name).read_bytes())
     (corrupt / "reslora_adapter.safetensors").write_bytes(b"\x80\x04pickle")
-    assert_one_line_error(run_cli("--base", base_dir, "--adapter", corrupt, "--format", "kohya", "--output", out), "safetensors")
+    assert_one_line_error(run_cli("--base", base_dir, "--adapter", corrupt, "--format", "kohya", "--output", out), "is a pickled PyTorch file")
     assert_one_line_error(run_cli("--base", base_dir, "--adapter", is_adapter, "--format", "ckpt", "--output", out), "invalid choice")
     assert_one_line_error(run_cli("--base", tmp_path / "missing", "--adapter", is_adapter, "--format", "kohya", "--output", out), "not found")
     assert not out.exists() and not list(tmp_path.glob("*.merge_report.json"))
     out.write_bytes(b"keep me")
     assert_one_line_error(run_cli("--base", base_dir, "--adapter", is_adapter, "--format", "kohya", "--output", out), "--overwrite")
     assert out.read_bytes() == b"keep me"
+
+
+def test_threads_flag_sets_torch_threads_and_has_a_sane_default(base_dir, is_adapter, tmp_path, monkeypatch):
+    """--threads N runs the merge with N torch threads; the default leaves half the cores free (at most 4)."""
+    from reslora_diffusers import merge_cli
+    from reslora_diffusers.cli import default_threads
+
+    seen = []
+    monkeypatch.setattr(merge_cli, "run", lambda args: seen.append((args.threads, torch.get_num_threads())))
+    before = torch.get_num_threads()
+    try:
+        for threads in ("3", None):
+            extra = ["--threads", threads] if threads else []
+            assert merge(base_dir, is_adapter, "kohya", tmp_path / "t.safetensors", *extra) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert seen[0] == (3, 3)
+    assert seen[1][0] == seen[1][1] == default_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    assert default_threads() == 4
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    assert default_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert default_threads() == 2
+
+
+def test_export_rank_above_the_merged_rank_reports_the_rank_written(base_dir, is_adapter, tmp_path, capsys):
+    output = tmp_path / "big.safetensors"
+    assert merge(base_dir, is_adapter, "kohya", output, "--export_rank", "100000", "--skip_images") == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "big.safetensors.merge_report.json").read_text())["export_rank"]
+    assert report["requested"] == 100000 and report["rank"] == report["merged_rank"] == 4
+    assert "re-compressed to rank 100000" not in out and "written at rank 4, unchanged" in out
+    assert "[" in out and "merging and measuring: lstsq (3/3)" in out  # progress lines for the phases
+    from safetensors.torch import load_file
+
+    ranks = {v.shape[0] for k, v in load_file(output).items() if k.endswith("lora_down.weight")}
+    assert ranks == {4}
+
+
+def test_a_config_edited_to_another_res_type_is_named_as_such(tmp_path):
+    """Chains saved for `is` (split by input shape) do not fit a config edited to `bs`: the message says so,
+    instead of blaming a different base model."""
+    from reslora_diffusers.io import _check_chains_match_config
+
+    layer = {"target": "to_q", "in_features": 16, "out_features": 16}
+    metadata = {
+        "layers": {"unet.a.to_q": {**layer, "input_shape": [64, 16]}, "unet.b.to_q": {**layer, "input_shape": [16, 16]}},
+        "chains": {"unet": [["unet.a.to_q"], ["unet.b.to_q"]]},
+    }
+    _check_chains_match_config(metadata, ResLoRAConfig(res_type="is"), tmp_path / "reslora_config.json")
+    with pytest.raises(ValueError, match="chains were not built for its res_type 'bs' \\(was the config edited\\?\\)"):
+        _check_chains_match_config(metadata, ResLoRAConfig(res_type="bs"), tmp_path / "reslora_config.json")

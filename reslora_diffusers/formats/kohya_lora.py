@@ -1,0 +1,122 @@
+"""kohya-style LoRA files (``lora_unet_*`` / ``lora_te*_*``) for kohya sd-scripts, A1111, ComfyUI and diffusers.
+
+``<name>.alpha`` is a 0-d tensor and the applied scale is ``alpha / lora_down.shape[0]``
+(ComfyUI ``weight_adapter/lora.py`` and A1111 ``extensions-builtin/Lora`` use the same formula).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .key_names import canonical_factors, is_sdxl_unet, kohya_name, kohya_name_to_key
+from .ldm_names import config_get
+from .lora_factors import LoRAFactors
+from .safetensors_files import atomic_save, check_string_metadata, require_suffix
+
+
+BASE_MODEL_VERSIONS = ("sd_v1", "sd_v2", "sdxl_base_v1-0")  # sd-scripts' ss_base_model_version values
+
+
+def kohya_base_model_version(unet_config, text_encoder_config=None) -> str:
+    """sd-scripts' ``ss_base_model_version`` of a base: SDXL from its added conditions, SD-2 from its OpenCLIP encoder.
+
+    SD-1.x's text encoder is CLIP ViT-L (``quick_gelu``); SD-2.x's is OpenCLIP ViT-H (``gelu``, 1024 wide).
+    """
+    if is_sdxl_unet(unet_config):
+        return "sdxl_base_v1-0"
+    if text_encoder_config is not None:
+        return "sd_v2" if config_get(text_encoder_config, "hidden_act") != "quick_gelu" else "sd_v1"
+    return "sd_v2" if config_get(unet_config, "cross_attention_dim") == 1024 else "sd_v1"
+
+
+def kohya_model_configs(model) -> dict:
+    """``unet_config`` / ``text_encoder_config`` of a pipeline or adapter, for :func:`save_kohya_lora`."""
+    configs = {}
+    for name in ("unet", "text_encoder"):
+        module = getattr(model, name, None)
+        if module is not None:
+            configs[f"{name}_config"] = module.config
+    return configs
+
+
+def save_kohya_lora(
+    factors: Mapping[str, LoRAFactors],
+    path,
+    metadata: Mapping[str, str],
+    *,
+    unet_config=None,
+    text_encoder_config=None,
+    base_model_version: str | None = None,
+) -> Path:
+    """Write a kohya-style LoRA for kohya sd-scripts, A1111, ComfyUI and diffusers.
+
+    Module names follow sd-scripts: SD-1.x / 2.x ``lora_unet_<diffusers path>`` / ``lora_te_...``; SDXL (when
+    ``unet_config`` is an SDXL UNet's) ``lora_unet_<LDM path>`` / ``lora_te1_...`` / ``lora_te2_...``.
+    Every module gets the same ``.alpha`` and its own scale folded into ``lora_up``: diffusers applies one
+    alpha to every module of a kohya file, so per-module alphas (a ``bs`` merge's rank grows along each chain)
+    would reach it at the wrong strength; with one alpha every loader applies the exact delta.
+    ``base_model_version`` defaults to what the configs say (:func:`kohya_base_model_version`; ``sd_v1``
+    without configs). ``metadata`` (e.g. ``reslora_*`` keys, ``ss_output_name``) is added to the ``ss_*`` keys.
+    """
+    path = require_suffix(path, "kohya LoRA path")
+    if base_model_version is None:
+        base_model_version = "sd_v1" if unet_config is None else kohya_base_model_version(unet_config, text_encoder_config)
+    if base_model_version not in BASE_MODEL_VERSIONS:
+        raise ValueError(f"base_model_version must be one of {BASE_MODEL_VERSIONS}, got {base_model_version!r}")
+    if (base_model_version == "sdxl_base_v1-0") != is_sdxl_unet(unet_config):
+        raise ValueError(f"base_model_version {base_model_version!r} needs the UNet config of that model for its names")
+    canonical = canonical_factors(factors)
+    alpha = Counter(float(f.alpha) for f in canonical.values()).most_common(1)[0][0]
+    tensors: dict[str, torch.Tensor] = {}
+    for (component, module_path), f in sorted(canonical.items()):
+        name = kohya_name(f"{component}.{module_path}", unet_config)
+        tensors[f"{name}.lora_down.weight"] = f.down
+        up = f.up if f.alpha == alpha else (f.up.float() * (f.alpha / alpha)).to(f.up.dtype)
+        tensors[f"{name}.lora_up.weight"] = up
+        tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+
+    ranks = {f.rank for f in canonical.values()}
+    generated = {
+        "ss_network_module": "networks.lora",
+        # kohya's resize_lora writes "Dynamic" when modules have different ranks.
+        "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
+        "ss_network_alpha": str(alpha),
+        "ss_base_model_version": base_model_version,
+        "ss_v2": str(base_model_version == "sd_v2"),
+    }
+    user = check_string_metadata(metadata)
+    for key, value in user.items():
+        if key in generated and value != generated[key]:
+            raise ValueError(f"metadata {key}={value!r} contradicts the file, which holds {key}={generated[key]!r}")
+    header = {"ss_output_name": path.stem, **user, **generated}
+    return atomic_save(tensors, path, header)
+
+
+def load_kohya_lora(path, unet_config=None) -> dict[str, LoRAFactors]:
+    """Read a kohya-style LoRA file into ``{"<component>.<path>": LoRAFactors}``.
+
+    A module without ``.alpha`` gets alpha = rank (kohya's rule for old files). SDXL files name UNet modules
+    in LDM naming: pass the UNet config to map them back.
+    """
+    state = load_file(str(path))
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        name, _, part = key.partition(".")
+        if part not in ("lora_down.weight", "lora_up.weight", "alpha"):
+            raise ValueError(
+                f"{path}: key {key!r} is not a plain LoRA tensor (lora_down.weight / lora_up.weight / alpha)"
+            )
+        grouped.setdefault(name, {})[part] = tensor
+    out = {}
+    for name, parts in grouped.items():
+        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+            raise ValueError(f"{path}: module {name!r} lacks lora_down.weight or lora_up.weight")
+        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        alpha = float(parts["alpha"].item()) if "alpha" in parts else float(down.shape[0])
+        out[kohya_name_to_key(name, unet_config)] = LoRAFactors(down=down, up=up, alpha=alpha)
+    return out
