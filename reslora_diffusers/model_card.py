@@ -31,6 +31,14 @@ def _reference(name: str, output_dir: Path) -> str:
     return _relative(Path(name), output_dir) if Path(name).exists() else name
 
 
+def _shown_config(resolved_config: dict, output_dir: Path) -> dict:
+    """The flags with absolute local paths made relative to the card's folder, like the card's other paths."""
+    return {
+        name: _reference(value, output_dir) if isinstance(value, str) and Path(value).is_absolute() else value
+        for name, value in resolved_config.items()
+    }
+
+
 def model_card(
     *,
     output_dir: Path,
@@ -99,10 +107,10 @@ def model_card(
         lines += [
             "",
             "<details><summary>Every flag of this run (<code>resolved_config.json</code>; rerun with "
-            "<code>--config resolved_config.json</code>)</summary>",
+            "<code>--config resolved_config.json</code>; local paths shown relative to this folder)</summary>",
             "",
             "```json",
-            json.dumps(resolved_config, indent=2),
+            json.dumps(_shown_config(resolved_config, output_dir), indent=2),
             "```",
             "",
             "</details>",
