@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 # Light imports only up to the heavy-import block below: the command line is checked first.
-from reslora_diffusers.annealing import DEFAULT_ANNEAL_FRACTION
+from reslora_diffusers.annealing import DEFAULT_ANNEAL_FRACTION, shortcut_anneal_factor
 from reslora_diffusers.cli import OneLineErrorParser, add_threads_argument, exit_with_error, first_line, set_threads
 from reslora_diffusers.config import MERGE_METHODS, RES_TYPES, ResLoRAConfig
 from reslora_diffusers.config_file import parse_with_config
@@ -424,7 +424,6 @@ from reslora_diffusers import apply_reslora, save_adapter  # noqa: E402
 from reslora_diffusers.formats import kohya_model_configs, save_diffusers_lora, save_kohya_lora  # noqa: E402
 from reslora_diffusers.atomic import atomic_write, atomic_write_text, swap_in_folder  # noqa: E402
 from reslora_diffusers.io import WEIGHTS_NAME, read_adapter  # noqa: E402
-from reslora_diffusers.annealing import shortcut_anneal_factor  # noqa: E402
 from reslora_diffusers.lora_plus import lora_plus_param_groups  # noqa: E402
 from reslora_diffusers.merge import merge_adapter  # noqa: E402
 from reslora_diffusers.sdxl import SDXLConditioning  # noqa: E402

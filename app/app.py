@@ -25,7 +25,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home: the
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from paths import check_root  # noqa: E402  (light: the heavy imports wait until the arguments are known good)
-from reslora_diffusers.cli import OneLineErrorParser, exit_with_error  # noqa: E402
+from reslora_diffusers.cli import OneLineErrorParser, default_threads, exit_with_error  # noqa: E402
 from reslora_diffusers.pipeline_io import UserInputError  # noqa: E402
 
 DEFAULT_BASE = REPO / "assets" / "tiny-emoji-sd"
@@ -33,15 +33,6 @@ DEFAULT_ADAPTER_ROOTS = [REPO / "assets" / "demo-adapters", REPO / "outputs"]
 DEFAULT_MODELS_ROOTS = [REPO / "assets", REPO / "outputs"]
 DEFAULT_DATA_ROOTS = [REPO / "assets"]
 DEFAULT_WORKDIR = REPO / "outputs" / "app"
-
-
-def default_threads() -> int:
-    """Half the cores, at most 8: torch's default (all cores) oversubscribes a machine that also serves and trains.
-
-    Measured on a busy 2-core machine: a 20-step comparison took 4–5 s with 1 thread and 85–92 s with 2.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores // 2))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--share", action="store_true", help="Also open a temporary public gradio.live link (off unless asked).")
     parser.add_argument("--device", default="auto", help="torch device of the pipeline (auto: cuda when available, else cpu).")
     parser.add_argument("--threads", type=int, default=default_threads(),
-                        help="CPU threads for torch here and for training runs (default: half the cores, at most 8; %(default)s here).")
+                        help="CPU threads for torch here and for training runs (default: OMP_NUM_THREADS, else half the cores, at most 4; %(default)s here).")
     parser.add_argument("--train_args", default="",
                         help="Extra flags for every training run started from the page, e.g. \"--train_batch_size 4 --resolution 64\".")
     parser.add_argument("--max_steps", type=int, default=150, help="Largest number of denoising steps a request may ask for.")

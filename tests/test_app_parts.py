@@ -109,10 +109,12 @@ def test_missing_base_is_one_line_error(tmp_path):
 
 def test_default_threads_do_not_oversubscribe(monkeypatch):
     import app as app_module
+    from reslora_diffusers import cli
 
-    for cores, expected in ((1, 1), (2, 1), (4, 2), (64, 8)):
-        monkeypatch.setattr(app_module.os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
-        assert app_module.default_threads() == expected
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for cores, expected in ((1, 1), (2, 1), (4, 2), (64, 4)):
+        monkeypatch.setattr(cli.os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
+        assert app_module.parse_args([]).threads == expected
 
 
 # -- grids, image files ----------------------------------------------------------------------------------------
