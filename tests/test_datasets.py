@@ -147,6 +147,27 @@ def test_batches_never_mix_shapes_and_processes_get_the_same_shape():
     assert list(sampler) == first  # the order depends only on (seed, epoch): a resumed run sees the same
 
 
+def test_items_carry_sdxl_size_and_crop_for_their_bucket():
+    """SDXL's conditioning of a bucketed example: original (h, w), the crop's (top, left) in the resized image
+    (measured in the flipped image when flipped) and the bucket's (h, w), not the square resolution."""
+    from reslora_diffusers.training_data import Example
+
+    example = Example(Image.new("RGB", (100, 30)), ("wide",))  # resized to 107×32 for a 96×32 bucket: 11 spare columns
+    for flip, left in ((False, 5), (True, 6)):
+        dataset = ImageCaptionDataset([example], ImageTransform(64, center_crop=True, random_flip=flip), targets=[(96, 32)])
+        if flip:  # random_flip flips with probability 1/2: find a seed that flips
+            dataset.seed = next(s for s in range(50) if _flips(dataset, s))
+        item = dataset[0]
+        assert item["pixel_values"].shape == (3, 32, 96)
+        assert (item["original_size"], item["crop_top_left"], item["target_size"]) == ((30, 100), (0, left), (32, 96))
+
+
+def _flips(dataset: ImageCaptionDataset, seed: int) -> bool:
+    dataset.seed = seed
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 0, 0]).generate_state(1)[0]))
+    return dataset.transform.draw((100, 30), (96, 32), generator).flip
+
+
 def test_empty_bucket_set_is_an_error():
     with pytest.raises(DatasetError, match="no aspect-ratio bucket fits"):
         BucketLayout.assign([(64, 64)], 64, 128, 256, 32)
