@@ -36,6 +36,8 @@ from pathlib import Path
 from reslora_diffusers.annealing import DEFAULT_ANNEAL_FRACTION, shortcut_anneal_factor
 from reslora_diffusers.cli import OneLineErrorParser, add_threads_argument, exit_with_error, first_line, set_threads
 from reslora_diffusers.config import MERGE_METHODS, RES_TYPES, ResLoRAConfig
+from reslora_diffusers.config_file import parse_with_config
+from reslora_diffusers.data_options import add_data_arguments, check_data_arguments
 from reslora_diffusers.pipeline_io import hub_access_error
 from reslora_diffusers.run_safety import ownership_error, resume_error, run_settings
 from reslora_diffusers.training_data import INTERPOLATION_MODES
@@ -262,7 +264,9 @@ def parse_args(argv=None):
         "merge error there; `python -m reslora_diffusers.merge` measures all three.",
     )
 
-    args = parser.parse_args(argv)
+    add_data_arguments(parser)
+
+    args = parse_with_config(parser, argv)  # --config FILE, overridden by the command line
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_local_rank != -1:
         args.local_rank = env_local_rank
@@ -291,6 +295,7 @@ def parse_args(argv=None):
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         parser.error(f"--snr_gamma must be > 0, got {args.snr_gamma}")
+    check_data_arguments(args, parser.error)
     if args.overwrite_output_dir and args.resume_from_checkpoint:
         parser.error("--overwrite_output_dir starts a new run, --resume_from_checkpoint continues one: pass one of them")
     if args.lora_alpha is None:
@@ -430,15 +435,9 @@ from reslora_diffusers.run_safety import (  # noqa: E402
     optimizer_tensors,
     require_finite,
 )
-from reslora_diffusers.training_data import (  # noqa: E402
-    DatasetError,
-    EpochShuffleSampler,
-    ImageCaptionDataset,
-    ImageTransform,
-    load_hub_dataset,
-    load_imagefolder,
-    subset,
-)
+from reslora_diffusers.caption_folder import load_local_folder  # noqa: E402
+from reslora_diffusers.data_pipeline import latent_distribution, training_data  # noqa: E402
+from reslora_diffusers.training_data import DatasetError, load_hub_dataset, subset  # noqa: E402
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -503,7 +502,7 @@ def load_examples(args):
             )
         else:
             folder = args.dataset_name if args.dataset_name is not None else args.train_data_dir
-            examples = load_imagefolder(folder, args.image_column, args.caption_column)
+            examples = load_local_folder(folder, args.image_column, args.caption_column, args.caption_source, args.missing_caption)
     except DatasetError as error:
         exit_with_error(str(error))
     if args.max_train_samples is not None and args.max_train_samples < len(examples):
@@ -791,36 +790,14 @@ def main(argv=None):
         eps=args.adam_epsilon,
     )
 
-    # The data: a new order every epoch, fixed by (seed, epoch), so a resumed run sees the same batches.
-    transform = ImageTransform(args.resolution, args.center_crop, args.random_flip, args.image_interpolation_mode)
-    train_dataset = ImageCaptionDataset(examples, transform, seed=args.seed)
-
-    def collate_fn(batch):
-        pixel_values = torch.stack([example["pixel_values"] for example in batch]).contiguous()
-        input_ids = tokenizer(
-            [example["caption"] for example in batch],
-            max_length=tokenizer.model_max_length,
-            padding="max_length",
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        batch_out = {"pixel_values": pixel_values, "input_ids": input_ids}
-        if sdxl is not None:  # the second tokenizer and SDXL's size / crop conditioning
-            batch_out["input_ids_2"] = sdxl.tokenize([example["caption"] for example in batch])
-            batch_out["original_sizes"] = [example["original_size"] for example in batch]
-            batch_out["crop_top_lefts"] = [example["crop_top_left"] for example in batch]
-        return batch_out
-
-    sampler = EpochShuffleSampler(len(train_dataset), args.seed)
-    train_dataloader = torch.utils.data.DataLoader(
-        train_dataset,
-        sampler=sampler,
-        collate_fn=collate_fn,
-        batch_size=args.train_batch_size,
-        num_workers=args.dataloader_num_workers,
-        # Its own generator: creating an iterator then draws nothing from the global one that noise comes from.
-        generator=torch.Generator().manual_seed(args.seed),
-    )
+    # The data (caption files, buckets, caches: reslora_diffusers/data_pipeline.py); its order is fixed by
+    # (seed, epoch), so a resumed run sees the same batches.
+    try:
+        data = training_data(args, examples, tokenizer=tokenizer, vae=vae, text_encoder=text_encoder, unet=unet,
+                             accelerator=accelerator, vae_dtype=vae_dtype, sdxl=sdxl)
+    except DatasetError as error:
+        exit_with_error(str(error))
+    train_dataset, sampler, train_dataloader = data.dataset, data.sampler, data.dataloader
 
     # Scheduler and math around the number of training steps.
     batches_per_process = math.ceil(len(train_dataloader) / accelerator.num_processes)
@@ -899,6 +876,8 @@ def main(argv=None):
         output_dir.mkdir(parents=True, exist_ok=True)
         for leftover in output_dir.glob("checkpoint-*.tmp"):
             shutil.rmtree(leftover)  # a checkpoint a crash cut short; never complete, never resumed from
+        # The flags this run was started with (config file and command line merged): `--config` reads it back.
+        atomic_write_text(output_dir / "resolved_config.json", json.dumps(args.resolved_config, indent=2))
         tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("reslora-text2image", config=tracker_config)
         metrics = MetricsFile(output_dir / "metrics.jsonl", global_step)
@@ -949,7 +928,7 @@ def main(argv=None):
                 with accelerator.accumulate(*train_models):
                     # Convert images to latent space
                     with torch.no_grad():
-                        latents = vae.encode(batch["pixel_values"].to(accelerator.device, dtype=vae_dtype)).latent_dist.sample()
+                        latents = latent_distribution(vae, batch, accelerator.device, vae_dtype).sample()
                     latents = (latents * vae.config.scaling_factor).to(weight_dtype)
 
                     # Sample noise that we'll add to the latents
@@ -967,15 +946,18 @@ def main(argv=None):
 
                     # Get the text embedding for conditioning
                     added_cond_kwargs = None
-                    with torch.set_grad_enabled(args.train_text_encoder):
-                        input_ids = batch["input_ids"].to(accelerator.device)
-                        if sdxl is None:
-                            encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
-                        else:  # both encoders' penultimate states, the pooled embedding and size / crop ids
-                            encoder_hidden_states, pooled = sdxl.encode(text_encoder, input_ids, batch["input_ids_2"].to(accelerator.device))
-                            added_cond_kwargs = sdxl.added_conditions(
-                                pooled, batch["original_sizes"], batch["crop_top_lefts"], args.resolution
-                            )
+                    if "encoder_hidden_states" in batch:  # --cache_text_embeddings (SD 1.x / 2.x only)
+                        encoder_hidden_states = batch["encoder_hidden_states"].to(accelerator.device)
+                    else:
+                        with torch.set_grad_enabled(args.train_text_encoder):
+                            input_ids = batch["input_ids"].to(accelerator.device)
+                            if sdxl is None:
+                                encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
+                            else:  # both encoders' penultimate states, the pooled embedding and size / crop ids
+                                encoder_hidden_states, pooled = sdxl.encode(text_encoder, input_ids, batch["input_ids_2"].to(accelerator.device))
+                                added_cond_kwargs = sdxl.added_conditions(
+                                    pooled, batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"]
+                                )
 
                     # Get the target for loss depending on the prediction type
                     if noise_scheduler.config.prediction_type == "epsilon":
@@ -1133,6 +1115,7 @@ def main(argv=None):
             validation_grids=grids,
             validation_prompts=list(args.validation_prompt),
             trained_text_encoder=args.train_text_encoder,
+            resolved_config=args.resolved_config,
             sdxl=sdxl is not None,
             repo_id=(args.hub_model_id or output_dir.resolve().name) if args.push_to_hub else None,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -30,6 +31,14 @@ def _reference(name: str, output_dir: Path) -> str:
     return _relative(Path(name), output_dir) if Path(name).exists() else name
 
 
+def _shown_config(resolved_config: dict, output_dir: Path) -> dict:
+    """The flags with absolute local paths made relative to the card's folder, like the card's other paths."""
+    return {
+        name: _reference(value, output_dir) if isinstance(value, str) and Path(value).is_absolute() else value
+        for name, value in resolved_config.items()
+    }
+
+
 def model_card(
     *,
     output_dir: Path,
@@ -43,6 +52,7 @@ def model_card(
     validation_grids: list[Path],
     validation_prompts: list[str],
     trained_text_encoder: bool,
+    resolved_config: dict | None = None,
     sdxl: bool = False,
     repo_id: str | None = None,
 ) -> str:
@@ -93,6 +103,18 @@ def model_card(
         f"| rank / lora_alpha / dropout | {config.rank} / {config.lora_alpha:g} / {config.lora_dropout:g} |",
     ]
     lines += [f"| {key} | {value} |" for key, value in settings.items()]
+    if resolved_config is not None:
+        lines += [
+            "",
+            "<details><summary>Every flag of this run (<code>resolved_config.json</code>; rerun with "
+            "<code>--config resolved_config.json</code>; local paths shown relative to this folder)</summary>",
+            "",
+            "```json",
+            json.dumps(_shown_config(resolved_config, output_dir), indent=2),
+            "```",
+            "",
+            "</details>",
+        ]
     lines += ["", "## Results", "", "| | |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in results.items()]
     if validation_grids:

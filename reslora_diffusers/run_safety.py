@@ -112,6 +112,11 @@ def run_settings(args) -> dict[str, object]:
         "max_train_samples": args.max_train_samples,
         "seed": args.seed,
     }
+    # What the data flags change in the batches (caches do not: a cached run repeats an uncached one).
+    for name in ("caption_source", "missing_caption", "caption_dropout_rate", "shuffle_caption", "keep_tokens",
+                 "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
+        if hasattr(args, name):
+            settings[name] = getattr(args, name)
     if args.resolution is not None:  # None until the base VAE gives the default
         settings["resolution"] = args.resolution
     return settings

@@ -74,12 +74,15 @@ class SDXLConditioning:
         return encode_prompt(text_encoder, self.text_encoder_2, input_ids, input_ids_2)
 
     @staticmethod
-    def added_conditions(pooled: torch.Tensor, original_sizes, crop_top_lefts, resolution: int) -> dict[str, torch.Tensor]:
-        """``added_cond_kwargs`` for a batch: its pooled embeddings and one row of time ids per image."""
+    def added_conditions(pooled: torch.Tensor, original_sizes, crop_top_lefts, target_sizes) -> dict[str, torch.Tensor]:
+        """``added_cond_kwargs`` for a batch: its pooled embeddings and one row of time ids per image.
+        `target_sizes`: one (height, width) per image (aspect-ratio buckets), or an int for squares of that side."""
+        if isinstance(target_sizes, int):
+            target_sizes = [(target_sizes, target_sizes)] * len(original_sizes)
         ids = torch.stack(
             [
-                time_ids(tuple(size), tuple(crop), (resolution, resolution), dtype=pooled.dtype, device=pooled.device)
-                for size, crop in zip(original_sizes, crop_top_lefts)
+                time_ids(tuple(size), tuple(crop), tuple(target), dtype=pooled.dtype, device=pooled.device)
+                for size, crop, target in zip(original_sizes, crop_top_lefts, target_sizes, strict=True)
             ]
         )
         return added_conditions(pooled, ids)

@@ -9,6 +9,8 @@ folder) and whose other columns hold the captions, a string or a list of strings
 
 The image column of such a folder is called `image` (as in 🤗 datasets). Every image is decoded once when
 the data set is indexed, so a corrupt file is skipped with a warning then, never found in the middle of a run.
+Caption-file folders (kohya / OneTrainer layout) are read by `caption_folder.py`, aspect-ratio buckets made by
+`buckets.py`, and cached latents / text embeddings by `data_cache.py`.
 """
 
 from __future__ import annotations
@@ -44,12 +46,37 @@ class DatasetError(ValueError):
     """Training data that cannot be used, with a message that says what to fix."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Example:
-    """One training image (a file, or an image already in memory) and its captions (one is drawn per use)."""
+    """One training image (a file, or an image already in memory), its captions (one is drawn per use) and how
+    many times an epoch uses it (a caption folder's `N_name` prefix)."""
 
     image: Path | Image.Image
     captions: tuple[str, ...]
+    repeats: int = 1
+
+    @property
+    def name(self) -> str:
+        return str(self.image) if isinstance(self.image, Path) else "an in-memory image"
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height), read from the file's header."""
+        if isinstance(self.image, Image.Image):
+            return self.image.size
+        with Image.open(self.image) as image:
+            return image.size
+
+    def open(self) -> Image.Image:
+        """The decoded image; a file that became unreadable since the data set was indexed is a DatasetError."""
+        if isinstance(self.image, Image.Image):
+            return self.image
+        try:
+            with Image.open(self.image) as image:
+                image.load()
+                return image
+        except (OSError, UnidentifiedImageError, ValueError) as error:
+            raise DatasetError(f"image {self.image} became unreadable during training: {error}") from None
 
 
 def _captions(value, column: str, where: str) -> tuple[str, ...]:
@@ -163,49 +190,126 @@ def load_hub_dataset(
     return examples
 
 
+Size = tuple[int, int]  # (width, height)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """The random choices for one use of an image: where the crop starts and whether it is flipped."""
+
+    left: int
+    top: int
+    flip: bool
+
+
 class ImageTransform:
-    """Resize the shorter side to `resolution`, crop a square (centre or random), maybe flip, scale to [-1, 1]."""
+    """Resize to cover the target size (keeping the aspect ratio), crop it (centre or random), maybe flip, scale
+    to [-1, 1]. The target is a `resolution`-sided square, or an aspect-ratio bucket's size."""
 
     def __init__(self, resolution: int, center_crop: bool, random_flip: bool, interpolation: str = "lanczos") -> None:
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.interpolation = INTERPOLATION_MODES[interpolation]
 
-    def __call__(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
-        return self.with_geometry(image, generator)[0]
+    def resized_size(self, size: Size, target: Size) -> Size:
+        scale = max(target[0] / size[0], target[1] / size[1])
+        return max(target[0], round(size[0] * scale)), max(target[1], round(size[1] * scale))
 
-    def with_geometry(self, image: Image.Image, generator: torch.Generator) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
-        """The pixels, the original (height, width) and the crop's (top, left) in the resized image: SDXL's
-        size and crop conditioning (a flipped image's crop is measured in the flipped image)."""
-        image = image.convert("RGB")
-        original_size = (image.height, image.width)
-        scale = self.resolution / min(image.size)
-        size = (max(self.resolution, round(image.width * scale)), max(self.resolution, round(image.height * scale)))
-        if size != image.size:
-            image = image.resize(size, self.interpolation)
-        spare_x, spare_y = image.width - self.resolution, image.height - self.resolution
+    def draw(self, size: Size, target: Size, generator: torch.Generator) -> Augmentation:
+        """The crop and flip for an image of `size`; draws from `generator` in a fixed order (crop x, crop y, flip)."""
+        width, height = self.resized_size(size, target)
+        spare_x, spare_y = width - target[0], height - target[1]
         if self.center_crop:
             left, top = spare_x // 2, spare_y // 2
         else:
             left = int(torch.randint(spare_x + 1, (), generator=generator))
             top = int(torch.randint(spare_y + 1, (), generator=generator))
-        image = image.crop((left, top, left + self.resolution, top + self.resolution))
-        if self.random_flip and torch.rand((), generator=generator) < 0.5:
+        flip = bool(self.random_flip and torch.rand((), generator=generator) < 0.5)
+        return Augmentation(left, top, flip)
+
+    def apply(self, image: Image.Image, target: Size, augmentation: Augmentation) -> torch.Tensor:
+        image = image.convert("RGB")
+        size = self.resized_size(image.size, target)
+        if size != image.size:
+            image = image.resize(size, self.interpolation)
+        left, top = augmentation.left, augmentation.top
+        image = image.crop((left, top, left + target[0], top + target[1]))
+        if augmentation.flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            left = spare_x - left
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
-        return pixels / 127.5 - 1.0, original_size, (top, left)
+        return pixels / 127.5 - 1.0
+
+    def crop_top_left(self, size: Size, target: Size, augmentation: Augmentation) -> tuple[int, int]:
+        """SDXL's crop conditioning: the crop's (top, left) in the resized image; a flipped image's crop is
+        measured in the flipped image."""
+        width = self.resized_size(size, target)[0]
+        left = width - target[0] - augmentation.left if augmentation.flip else augmentation.left
+        return augmentation.top, left
+
+    def __call__(self, image: Image.Image, generator: torch.Generator, target: Size | None = None) -> torch.Tensor:
+        return self.with_geometry(image, generator, target)[0]
+
+    def with_geometry(
+        self, image: Image.Image, generator: torch.Generator, target: Size | None = None
+    ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """The pixels, the original (height, width) and the crop's (top, left): SDXL's size and crop conditioning."""
+        target = target or (self.resolution, self.resolution)
+        augmentation = self.draw(image.size, target, generator)
+        original_size = (image.height, image.width)
+        return self.apply(image, target, augmentation), original_size, self.crop_top_left(image.size, target, augmentation)
+
+
+@dataclass(frozen=True)
+class CaptionOptions:
+    """Caption randomness as kohya applies it: with probability `dropout_rate` the caption becomes empty (training
+    the unconditional case); `shuffle` shuffles its comma-separated tags except the first `keep_tokens`."""
+
+    dropout_rate: float = 0.0
+    shuffle: bool = False
+    keep_tokens: int = 0
+
+    @property
+    def random(self) -> bool:
+        return self.dropout_rate > 0 or self.shuffle
+
+    def __call__(self, caption: str, generator: torch.Generator) -> str:
+        if self.dropout_rate > 0 and torch.rand((), generator=generator) < self.dropout_rate:
+            return ""
+        if self.shuffle:
+            tags = [tag.strip() for tag in caption.split(",")]
+            kept, rest = tags[: self.keep_tokens], tags[self.keep_tokens :]
+            order = torch.randperm(len(rest), generator=generator).tolist()
+            caption = ", ".join(kept + [rest[i] for i in order])
+        return caption
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
-    """Yields {"pixel_values": 3×R×R in [-1, 1], "caption": str, "original_size", "crop_top_left"}; an image with
-    several captions gets a random one.
+    """Yields {"pixel_values": 3×H×W in [-1, 1], "caption": str, "original_size", "crop_top_left", "target_size"}
+    ((height, width) pairs and the crop's (top, left), SDXL's conditioning); an image with several captions gets a
+    random one.
+
+    `targets` gives each example's size (its aspect-ratio bucket); by default every example is a
+    `resolution`-sided square. An example with `repeats` N appears N times. With a latent cache
+    (`data_cache.LatentCache`), items hold "latent_parameters" (the VAE posterior's mean and log-variance)
+    instead of pixels.
 
     The random crop, flip and caption of an example depend only on (seed, epoch, index), never on a global
     generator: data loaders fetch ahead, so a resumed run would otherwise draw them in another order.
     """
 
-    def __init__(self, examples: Sequence[Example], transform: ImageTransform, seed: int = 0) -> None:
-        self.examples, self.transform, self.seed, self.epoch = list(examples), transform, seed, 0
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        transform: ImageTransform,
+        seed: int = 0,
+        targets: Sequence[Size] | None = None,
+        caption_options: CaptionOptions = CaptionOptions(),
+    ) -> None:
+        self.examples = [example for example in examples for _ in range(example.repeats)]
+        if targets is not None:
+            targets = [target for example, target in zip(examples, targets, strict=True) for _ in range(example.repeats)]
+        self.targets = targets
+        self.transform, self.caption_options, self.seed, self.epoch = transform, caption_options, seed, 0
+        self.latent_cache = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -213,21 +317,30 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
+    def target(self, index: int) -> Size:
+        return self.targets[index] if self.targets is not None else (self.transform.resolution,) * 2
+
     def __getitem__(self, index: int) -> dict:
-        example = self.examples[index]
+        example, target = self.examples[index], self.target(index)
         seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
         generator = torch.Generator().manual_seed(seed)
-        if isinstance(example.image, Image.Image):
-            pixel_values, original_size, crop_top_left = self.transform.with_geometry(example.image, generator)
+        if self.latent_cache is not None:
+            # The same draws as from pixels, so the caption below is drawn from the same generator state.
+            size = self.latent_cache.image_size(example)
+            augmentation = self.transform.draw(size, target, generator)
+            item = {"latent_parameters": self.latent_cache.get(example, augmentation.flip)}
         else:
-            try:
-                with Image.open(example.image) as image:
-                    pixel_values, original_size, crop_top_left = self.transform.with_geometry(image, generator)
-            except (OSError, UnidentifiedImageError, ValueError) as error:
-                raise DatasetError(f"image {example.image} became unreadable during training: {error}") from None
+            image = example.open()
+            size = image.size
+            augmentation = self.transform.draw(size, target, generator)
+            item = {"pixel_values": self.transform.apply(image, target, augmentation)}
+        item["original_size"] = (size[1], size[0])
+        item["crop_top_left"] = self.transform.crop_top_left(size, target, augmentation)
+        item["target_size"] = (target[1], target[0])
         captions = example.captions
         caption = captions[int(torch.randint(len(captions), (), generator=generator))] if len(captions) > 1 else captions[0]
-        return {"pixel_values": pixel_values, "caption": caption, "original_size": original_size, "crop_top_left": crop_top_left}
+        item["caption"] = self.caption_options(caption, generator) if self.caption_options.random else caption
+        return item
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler[int]):

@@ -60,3 +60,22 @@ def test_sdxl_training_run_resume_and_exports(tiny_sdxl, tmp_path):
         pipe.fuse_lora()
         after = pipe.text_encoder_2.text_model.encoder.layers[0].self_attn.q_proj.weight
         assert not torch.equal(before, after)
+
+
+def test_sdxl_buckets_with_cached_latents_repeat_an_uncached_run(tiny_sdxl, tmp_path):
+    """Aspect-ratio buckets on SDXL: each image's size / crop ids come with its bucket, from pixels or from the latent
+    cache alike (same losses); the text-embedding cache cannot hold SDXL's pooled embeddings and is refused."""
+    from test_datasets import losses, write_kohya_folder
+
+    data = write_kohya_folder(tmp_path / "kohya")
+    flags = ["--train_data_dir", str(data), "--enable_bucket", "--resolution", "64", "--center_crop", "--res_type", "none",
+             "--max_train_steps", "3", "--num_validation_images", "0", "--checkpointing_steps", "10"]
+    plain, cached = tmp_path / "plain", tmp_path / "cached"
+    result = check(run(sdxl_args(tiny_sdxl, plain, *flags)))
+    assert "aspect-ratio buckets" in result.stdout
+    check(run(sdxl_args(tiny_sdxl, cached, *flags, "--cache_latents")))
+    assert len(set(losses(plain))) == 3
+    torch.testing.assert_close(torch.tensor(losses(cached)), torch.tensor(losses(plain)), rtol=1e-4, atol=0)
+    frozen_encoders = [a for a in sdxl_args(tiny_sdxl, tmp_path / "refused", *flags, "--cache_text_embeddings") if a != "--train_text_encoder"]
+    refused = run(frozen_encoders)
+    assert refused.returncode == 2 and "error: --cache_text_embeddings is for SD 1.x / 2.x bases" in refused.stderr

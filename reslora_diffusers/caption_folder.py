@@ -1,0 +1,153 @@
+"""Caption-file data sets as LoRA trainers keep them (kohya sd-scripts, OneTrainer), and choosing between them and
+the imagefolder layout.
+
+    my_images/
+        10_sks dog/             ← `N_name`: every image below is used N times per epoch (here 10)
+            a.png  a.txt        ← the caption of a.png (or a.caption); each non-empty line is one caption,
+            b.jpg  b.caption      one of them is drawn at each use (as OneTrainer reads several lines)
+        1_style/sub/c.webp c.txt  (folders are read recursively)
+
+Images directly in the root folder, or in a top-level folder without an `N_` prefix, are used once per epoch.
+An image without a caption file is an error unless `missing_caption="folder_name"`, which gives it its
+`N_name` folder's name (kohya's "class tokens", e.g. "sks dog").
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from .training_data import METADATA_FILES, DatasetError, Example, decodes, load_imagefolder
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_EXTENSIONS = (".txt", ".caption")
+_REPEATS_FOLDER = re.compile(r"(\d+)_(.+)")
+
+
+def has_metadata(directory: Path) -> bool:
+    return any((base / name).is_file() for base in (directory, directory / "train") for name in METADATA_FILES)
+
+
+def image_files(directory: Path) -> list[Path]:
+    """Every image below `directory` (recursive, sorted; hidden files and folders skipped)."""
+    return sorted(
+        path
+        for path in directory.rglob("*")
+        if path.suffix.lower() in IMAGE_EXTENSIONS
+        and path.is_file()
+        and not any(part.startswith(".") for part in path.relative_to(directory).parts)
+    )
+
+
+def repeats_of(path: Path, directory: Path) -> tuple[int, str | None]:
+    """(repeats, concept name) from the image's top-level folder `N_name`; (1, None) outside such a folder."""
+    parts = path.relative_to(directory).parts
+    match = _REPEATS_FOLDER.fullmatch(parts[0]) if len(parts) > 1 else None
+    if match is None:
+        return 1, None
+    return int(match.group(1)), match.group(2)
+
+
+def read_caption_file(image: Path) -> tuple[str, ...] | None:
+    """The captions in `<stem>.txt` / `<stem>.caption` beside `image` (one per non-empty line; an empty file is the
+    empty caption); None if there is no caption file. Two caption files that disagree are an error."""
+    found: dict[Path, tuple[str, ...]] = {}
+    for extension in CAPTION_EXTENSIONS:
+        path = image.with_suffix(extension)
+        if not path.is_file():
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise DatasetError(f"cannot read caption file {path}: {error}") from None
+        found[path] = tuple(line.strip() for line in text.splitlines() if line.strip()) or ("",)
+    if len(set(found.values())) > 1:
+        raise DatasetError(f"{image} has two caption files that differ: {' and '.join(map(str, found))}; keep one")
+    return next(iter(found.values()), None)
+
+
+def caption_files_present(directory: Path) -> bool:
+    return any(path.suffix in CAPTION_EXTENSIONS and path.is_file() for path in directory.rglob("*"))
+
+
+def load_caption_folder(directory: str | Path, missing_caption: str = "error") -> list[Example]:
+    """The examples of a caption-file folder (see the module docstring); corrupt images are skipped with a warning."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DatasetError(f"training data folder not found: {directory}")
+    images = image_files(directory)
+    if not images:
+        raise DatasetError(f"{directory} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    examples, skipped, empty = [], [], 0
+    for image in images:
+        repeats, concept = repeats_of(image, directory)
+        if repeats == 0:
+            continue  # `0_name`: a folder switched off, as in kohya
+        captions = read_caption_file(image)
+        if captions is None:
+            if missing_caption == "folder_name" and concept is not None:
+                captions = (concept,)
+            else:
+                hint = "" if concept is None else ", or pass --missing_caption folder_name to caption it with its folder's name"
+                raise DatasetError(f"{image} has no caption: write {image.with_suffix('.txt').name} beside it{hint}")
+        empty += captions == ("",)
+        problem = decodes(image)
+        if problem is not None:
+            skipped.append((image, problem))
+            continue
+        examples.append(Example(image, captions, repeats))
+    for path, problem in skipped:
+        logger.warning("skipping unreadable image %s (%s)", path, problem)
+    if empty:
+        logger.warning("%d caption file(s) are empty: those images train with the empty caption", empty)
+    if not examples:
+        raise DatasetError(f"no readable image in {directory} ({len(skipped)} found, all corrupt)")
+    return examples
+
+
+def load_local_folder(
+    directory: str | Path,
+    image_column: str = "image",
+    caption_column: str = "text",
+    caption_source: str = "auto",
+    missing_caption: str = "error",
+) -> list[Example]:
+    """A local training folder: imagefolder metadata, caption files, or both (then they must agree).
+
+    `caption_source` "metadata" / "files" reads only one of the two; "auto" reads what is there and, when both
+    are, stops at the first image whose captions differ instead of silently preferring one.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DatasetError(f"training data folder not found: {directory}")
+    if caption_source == "auto" and not has_metadata(directory) and not caption_files_present(directory):
+        raise DatasetError(
+            f"{directory} has no metadata.jsonl (or metadata.csv) and no caption files: write one line per image like "
+            '{"file_name": "cat.png", "text": "a cat"} into metadata.jsonl, or a cat.txt holding the caption beside cat.png'
+        )
+    use_metadata = caption_source == "metadata" or (caption_source == "auto" and has_metadata(directory))
+    use_files = caption_source == "files" or (caption_source == "auto" and (not use_metadata or caption_files_present(directory)))
+    if not use_files:
+        return load_imagefolder(directory, image_column, caption_column)
+    if not use_metadata:
+        return load_caption_folder(directory, missing_caption)
+    from_metadata = load_imagefolder(directory, image_column, caption_column)
+    for example in from_metadata:
+        captions = read_caption_file(example.image)
+        if captions is not None and captions != example.captions:
+            raise DatasetError(
+                f"the captions of {example.image} differ between the metadata file ({list(example.captions)}) and its "
+                f"caption file ({list(captions)}): pass --caption_source metadata or files to choose one"
+            )
+    listed = {example.image.resolve() for example in from_metadata}
+    unlisted = [image for image in image_files(directory) if image.resolve() not in listed and read_caption_file(image) is not None]
+    if unlisted:
+        raise DatasetError(
+            f"{unlisted[0]} has a caption file but is not in the metadata file ({len(unlisted)} such images): "
+            "pass --caption_source metadata or files to choose one"
+        )
+    # Metadata and files agree: the folder's `N_name` repeats still apply.
+    return [Example(e.image, e.captions, repeats_of(e.image, directory)[0]) for e in from_metadata]

@@ -1,0 +1,82 @@
+"""The training script's flags for caption files, caption randomness, aspect-ratio buckets and caching, and the
+checks that need no model. Imports nothing heavy: the command line is parsed before torch loads."""
+
+from __future__ import annotations
+
+import argparse
+
+CAPTION_SOURCES = ("auto", "metadata", "files")
+MISSING_CAPTION = ("error", "folder_name")
+BUCKET_FLAGS = ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps")
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("caption files, buckets and caching")
+    group.add_argument(
+        "--caption_source",
+        choices=CAPTION_SOURCES,
+        default="auto",
+        help="Where a local folder's captions come from: its metadata.jsonl / .csv, its <image>.txt / .caption files "
+        "(kohya layout, `N_name` folders repeat N times), or 'auto': whichever is there (both must then agree).",
+    )
+    group.add_argument(
+        "--missing_caption",
+        choices=MISSING_CAPTION,
+        default="error",
+        help="An image without a caption file: stop with an error, or caption it with its `N_name` folder's name.",
+    )
+    group.add_argument("--caption_dropout_rate", type=float, default=0.0, help="Probability of training an image with the empty caption.")
+    group.add_argument("--shuffle_caption", action="store_true", help="Shuffle the comma-separated tags of each caption at every use.")
+    group.add_argument("--keep_tokens", type=int, default=0, help="With --shuffle_caption: keep the first N tags in place.")
+    group.add_argument(
+        "--enable_bucket",
+        action="store_true",
+        help="Aspect-ratio buckets: each image is trained near its own aspect ratio within a budget of --resolution² pixels, "
+        "every batch from one bucket (instead of a --resolution square crop).",
+    )
+    group.add_argument("--min_bucket_reso", type=int, default=None, help="Smallest bucket side (default: --resolution / 2).")
+    group.add_argument("--max_bucket_reso", type=int, default=None, help="Largest bucket side (default: --resolution × 2).")
+    group.add_argument(
+        "--bucket_reso_steps", type=int, default=None, help="Bucket sides are multiples of this (default: 8 × the VAE's downsampling factor)."
+    )
+    group.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="Encode every image with the VAE once, before training (its posterior mean and variance; each step still "
+        "draws a sample). With --random_flip both flips are cached; needs --center_crop when images have pixels to crop.",
+    )
+    group.add_argument(
+        "--cache_text_embeddings",
+        action="store_true",
+        help="Encode every caption with the frozen text encoder once, before training (not with --train_text_encoder "
+        "or --shuffle_caption).",
+    )
+    group.add_argument(
+        "--data_cache_dir",
+        type=str,
+        default=None,
+        help="Keep the cached latents / text embeddings in this folder as safetensors and reuse them in later runs "
+        "(an entry is re-encoded when the model, image, size, crop or caption changes). Default: in memory only.",
+    )
+
+
+def check_data_arguments(args: argparse.Namespace, error) -> None:
+    """Calls `error(message)` for flags that cannot work together."""
+    if not 0.0 <= args.caption_dropout_rate <= 1.0:
+        error(f"--caption_dropout_rate must be between 0 and 1, got {args.caption_dropout_rate}")
+    if args.keep_tokens < 0:
+        error(f"--keep_tokens must be >= 0, got {args.keep_tokens}")
+    if args.keep_tokens and not args.shuffle_caption:
+        error("--keep_tokens keeps tags in place while --shuffle_caption shuffles the rest; pass --shuffle_caption too")
+    for name in BUCKET_FLAGS:
+        value = getattr(args, name)
+        if value is not None and not args.enable_bucket:
+            error(f"--{name} sets up aspect-ratio buckets: pass --enable_bucket too")
+        if value is not None and value <= 0:
+            error(f"--{name} must be > 0, got {value}")
+    if args.cache_text_embeddings and args.train_text_encoder:
+        error("--cache_text_embeddings needs a frozen text encoder, but --train_text_encoder trains it")
+    if args.cache_text_embeddings and args.shuffle_caption:
+        error("--cache_text_embeddings cannot cache every order of a shuffled caption; leave out one of it and --shuffle_caption")
+    if args.data_cache_dir is not None and not (args.cache_latents or args.cache_text_embeddings):
+        error("--data_cache_dir stores cached latents / text embeddings: pass --cache_latents or --cache_text_embeddings too")
