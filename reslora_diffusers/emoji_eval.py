@@ -47,3 +47,17 @@ def retrieval_ranks(images: list[Image.Image], prompts: list[str], reference: No
 def summarize_ranks(ranks: np.ndarray) -> dict:
     return {"prompts": int(len(ranks)), "top1": int((ranks == 0).sum()), "top5": int((ranks < 5).sum()),
             "median_rank": float(np.median(ranks))}
+
+
+def reconstruction_psnr(vae, images_u8, device="cpu", batch: int = 64) -> float:
+    """Mean PSNR (dB, 0-255 range) of decode(encoder mean) over uint8 images N×3×H×W (a torch tensor)."""
+    import torch
+
+    psnrs = []
+    with torch.no_grad():
+        for i in range(0, len(images_u8), batch):
+            x = (images_u8[i:i + batch].float() / 127.5 - 1.0).to(device)
+            recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+            mse = ((recon - x) * 127.5).pow(2).mean(dim=(1, 2, 3))
+            psnrs.append(10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-8)))
+    return float(torch.cat(psnrs).mean())

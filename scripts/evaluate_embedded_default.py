@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     from reslora_diffusers import load_adapter
     from reslora_diffusers.atomic import atomic_write, atomic_write_text
     from reslora_diffusers.emoji_data import load_split
-    from reslora_diffusers.emoji_eval import load_reference, retrieval_ranks, summarize_ranks
+    from reslora_diffusers.emoji_eval import load_reference, reconstruction_psnr, retrieval_ranks, summarize_ranks
 
     torch.set_num_threads(args.threads)
     out_dir = REPO / args.out_dir
@@ -100,11 +100,7 @@ def main(argv=None) -> int:
 
     # 2. the VAE on held-out Noto images
     heldout_noto = load_images(load_split(REPO / args.noto_dir, "heldout"), 64)
-    with torch.no_grad():
-        x = torch.from_numpy(heldout_noto).permute(0, 3, 1, 2).float() / 127.5 - 1
-        recon = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-        mse = ((recon - x) * 127.5).pow(2).mean(dim=(1, 2, 3))
-    report["vae_heldout_psnr_db"] = round(float((10 * torch.log10(255.0 ** 2 / mse)).mean()), 2)
+    report["vae_heldout_psnr_db"] = round(reconstruction_psnr(pipe.vae, torch.from_numpy(heldout_noto).permute(0, 3, 1, 2)), 2)
     print(f"VAE held-out PSNR {report['vae_heldout_psnr_db']} dB", flush=True)
 
     # 3. the demo adapters on held-out prompts

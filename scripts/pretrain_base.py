@@ -57,6 +57,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from reslora_diffusers.atomic import atomic_write_folder  # noqa: E402
 from reslora_diffusers.emoji_data import load_split  # noqa: E402
+from reslora_diffusers.emoji_eval import reconstruction_psnr  # noqa: E402
 
 CLIP_SPLIT_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -278,18 +279,6 @@ def train_vae(vae, images_u8, args, device, seconds):
     bar.close()
     print(f"vae: {step} steps", flush=True)
     return vae.eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def reconstruction_psnr(vae, images_u8, device, batch=64) -> float:
-    """Mean PSNR (dB, 0-255 range) of decode(encoder mean) over ``images_u8``."""
-    psnrs = []
-    for i in range(0, len(images_u8), batch):
-        x = to_model_range(images_u8[i:i + batch]).to(device)
-        recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-        mse = ((recon - x) * 127.5).pow(2).mean(dim=(1, 2, 3))
-        psnrs.append(10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-8)))
-    return float(torch.cat(psnrs).mean())
 
 
 @torch.no_grad()
