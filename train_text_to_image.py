@@ -514,7 +514,8 @@ def load_examples(args):
 def save_checkpoint(accelerator: Accelerator, args, global_step: int, epoch: int) -> Path:
     """`accelerator.save_state` into a temporary folder, renamed to `checkpoint-<step>` once every file is there.
 
-    A crash while writing leaves only `checkpoint-<step>.tmp`, which `latest` never picks (and the next save removes).
+    A crash while writing leaves only `checkpoint-<step>.tmp`, which `latest` never picks (and the next save removes);
+    an interrupt (Ctrl-C, the app's Cancel) removes it on the way out, so a cancelled run leaves complete checkpoints only.
     """
     output_dir = Path(args.output_dir)
     final = output_dir / f"checkpoint-{global_step}"
@@ -522,13 +523,19 @@ def save_checkpoint(accelerator: Accelerator, args, global_step: int, epoch: int
     if accelerator.is_main_process and staging.exists():
         shutil.rmtree(staging)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(staging))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            marker = {"global_step": global_step, "epoch": epoch, "num_processes": accelerator.num_processes, "settings": run_settings(args)}
+            atomic_write_text(staging / CHECKPOINT_MARKER, json.dumps(marker, indent=2))
+            # The same step saved before a resume is replaced only now that the new one is complete.
+            swap_in_folder(staging, final)
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        marker = {"global_step": global_step, "epoch": epoch, "num_processes": accelerator.num_processes, "settings": run_settings(args)}
-        atomic_write_text(staging / CHECKPOINT_MARKER, json.dumps(marker, indent=2))
-        # The same step saved before a resume is replaced only now that the new one is complete.
-        swap_in_folder(staging, final)
         # Older checkpoints go only after the new one is complete.
         if args.checkpoints_total_limit is not None:
             for _, folder in complete_checkpoints(output_dir)[: -args.checkpoints_total_limit]:

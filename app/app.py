@@ -146,7 +146,10 @@ def main(argv=None) -> int:
     demo = build_demo(Handlers(comparer, folders, queue))
     demo.queue(default_concurrency_limit=1, max_size=args.queue_size)
     try:
-        demo.launch(server_name=args.host, server_port=args.port, share=args.share, theme=THEME, css=CSS, footer_links=["api"])
+        # The Train tab's gallery shows validation grids from the app's own runs folder; Gradio serves only files in
+        # its allowed paths (by default the working directory and /tmp, which a --workdir need not be in).
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, theme=THEME, css=CSS, footer_links=["api"],
+                    allowed_paths=[str(folders.runs)])
     except OSError as error:  # taken between the check and now
         exit_with_error(f"cannot listen on {args.host}:{args.port}: {error}; choose another with --port")
     return 0

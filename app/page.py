@@ -11,6 +11,7 @@ import functools
 import logging
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,16 +25,17 @@ from grid import difference_image, labelled_grid, parse_list, settings_product
 from image_files import image_name, parameters_text, save_png, slug
 from models import discover_models, model_at
 from paths import resolve_inside
+from reslora_diffusers.caption_folder import is_training_folder
 from reslora_diffusers.cli import first_line
 from reslora_diffusers.merge import MERGE_METHODS
 from reslora_diffusers.pipeline_io import UserInputError
 from training_jobs import METHODS, TrainingQueue, TrainingSettings, log_tail
 
 logger = logging.getLogger("reslora_app")
+PROGRESS_INTERVAL_S = 0.25  # at most four progress updates a second reach the page
 
 BASE_CHOICE = "(base model)"
 MAX_DEFAULT_RUNS = 6
-DATA_MARKERS = ("metadata.jsonl", "metadata.csv")
 CSS = """
 .pixelated img { image-rendering: pixelated; object-fit: contain !important; width: 100% !important; height: 100% !important; }
 """
@@ -92,10 +94,19 @@ def model_choices(folders: Folders) -> list[tuple[str, str]]:
 
 
 def data_choices(folders: Folders) -> list[tuple[str, str]]:
+    """Training folders (imagefolder metadata or kohya-style caption files) up to three levels below each data root;
+    the folders inside a found one (its `N_name` concept folders) are not listed again."""
     found = []
+
+    def visit(folder: Path, depth: int) -> None:
+        if is_training_folder(folder):
+            found.append(folder)
+        elif depth < 3:
+            for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                visit(child, depth + 1)
+
     for root in folders.data:
-        for marker in DATA_MARKERS:
-            found.extend(path.parent for path in sorted(root.rglob(marker)) if len(path.relative_to(root).parts) <= 4)
+        visit(root, 0)
     return [(run_folders.label_of(folder, folders.data), str(folder)) for folder in dict.fromkeys(found)]
 
 
@@ -171,8 +182,16 @@ class Handlers:
         return run_folders.label_of(self.comparer.base, self.folders.models)
 
     def _compare(self, samplings, settings, base, progress, request: gr.Request | None):
+        last_sent = 0.0
+
         def on_progress(done: int, total: int, title: str) -> None:
-            progress((done, total), desc=f"drawing {title}", unit="steps")
+            # At most a few updates a second: a small model draws dozens of steps a second, and a browser on a
+            # busy machine that must render every one of them shows the result (or "Cancelled") seconds late.
+            nonlocal last_sent
+            now = time.monotonic()
+            if now - last_sent >= PROGRESS_INTERVAL_S or done == total:
+                last_sent = now
+                progress((done, total), desc=f"drawing {title}", unit="steps")
 
         self.running_session = getattr(request, "session_hash", None)
         try:
@@ -269,8 +288,9 @@ class Handlers:
     def start_training(self, data, method, rank, steps, learning_rate, seed, checkpointing, validation, name):
         try:
             folder = resolve_inside(data, self.folders.data, "data")
-            if not any((folder / marker).is_file() for marker in DATA_MARKERS):
-                raise UserInputError(f"{data} is not an image folder (it has no metadata.jsonl nor metadata.csv)")
+            if not is_training_folder(folder):
+                raise UserInputError(f"{data} is not a training folder: it has no metadata.jsonl / metadata.csv and no "
+                                     "images with caption files (.txt / .caption) beside them")
             job = self.queue.submit(TrainingSettings(folder, method, rank, steps, learning_rate, seed, checkpointing, validation, name or ""))
         except (UserInputError, ValueError) as error:
             return gr.skip(), _error(error)
@@ -428,7 +448,7 @@ def build_demo(handlers: Handlers) -> gr.Blocks:
                 with gr.Column(scale=2, min_width=320):
                     data_list = data_choices(folders)
                     data = gr.Dropdown(data_list, value=data_list[0][1] if data_list else None, allow_custom_value=True,
-                                       label="Training images (an image folder with metadata.jsonl, inside the data folders)", elem_id="train-data")
+                                       label="Training images (a folder with metadata.jsonl or kohya-style caption files, inside the data folders)", elem_id="train-data")
                     method = gr.Radio(list(METHODS), value="is", label="Method (none: plain LoRA)", elem_id="train-method")
                     with gr.Row():
                         rank = gr.Number(label="Rank", value=4, precision=0, elem_id="train-rank")

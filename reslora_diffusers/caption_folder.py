@@ -73,6 +73,27 @@ def caption_files_present(directory: Path) -> bool:
     return any(path.suffix in CAPTION_EXTENSIONS and path.is_file() for path in directory.rglob("*"))
 
 
+def looks_like_caption_folder(directory: Path) -> bool:
+    """True if `directory` is itself a caption-file data set: a captioned image directly in it, or in one of its
+    `N_name` folders. (A folder that merely holds several data sets below it is not one.)"""
+    def captioned_image_in(folder: Path) -> bool:
+        return any(path.suffix.lower() in IMAGE_EXTENSIONS and read_caption_file(path) is not None
+                   for path in folder.iterdir() if path.is_file())
+
+    if not directory.is_dir():
+        return False
+    if captioned_image_in(directory):
+        return True
+    return any(child.is_dir() and _REPEATS_FOLDER.fullmatch(child.name) and any(
+        captioned_image_in(folder) for folder in (child, *(p for p in child.rglob("*") if p.is_dir())))
+        for child in directory.iterdir())
+
+
+def is_training_folder(directory: Path) -> bool:
+    """A folder the training script reads: imagefolder metadata or caption files (see `load_local_folder`)."""
+    return has_metadata(directory) or looks_like_caption_folder(directory)
+
+
 def load_caption_folder(directory: str | Path, missing_caption: str = "error") -> list[Example]:
     """The examples of a caption-file folder (see the module docstring); corrupt images are skipped with a warning."""
     directory = Path(directory)

@@ -183,3 +183,24 @@ def test_validation_images_newest_first(tmp_path):
         Image.new("RGB", (4, 4)).save(tmp_path / "validation" / f"step-{step:06d}.png")
     run = run_folders.Run(tmp_path, "run", None)
     assert [caption for _, caption in run_folders.validation_images(run)] == ["step-000004", "step-000002", "step-000000"]
+
+
+def test_the_train_tab_lists_imagefolders_and_kohya_caption_folders(tmp_path):
+    import page as page_parts
+
+    image = Image.new("RGB", (8, 8))
+    (tmp_path / "imagefolder").mkdir()
+    image.save(tmp_path / "imagefolder" / "a.png")
+    (tmp_path / "imagefolder" / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a"}\n')
+    concept = tmp_path / "projects" / "kohya" / "10_sks dog"  # a data set whose captions sit in an `N_name` folder
+    concept.mkdir(parents=True)
+    image.save(concept / "b.png")
+    (concept / "b.txt").write_text("sks dog")
+    (tmp_path / "flat").mkdir()  # captioned images directly in the folder
+    image.save(tmp_path / "flat" / "c.png")
+    (tmp_path / "flat" / "c.caption").write_text("c")
+    (tmp_path / "uncaptioned").mkdir()
+    image.save(tmp_path / "uncaptioned" / "d.png")
+    folders = page_parts.Folders(adapters=[], models=[], data=[tmp_path], workdir=tmp_path / "work")
+    listed = sorted(Path(path).relative_to(tmp_path).as_posix() for _, path in page_parts.data_choices(folders))
+    assert listed == ["flat", "imagefolder", "projects/kohya"]  # not the concept folder on its own, not `uncaptioned`

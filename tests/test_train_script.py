@@ -235,6 +235,29 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(tiny, tmp_path):
     np.testing.assert_allclose(losses(killed), losses(straight), rtol=1e-5)
 
 
+def test_an_interrupt_while_saving_leaves_no_half_checkpoint(tmp_path):
+    """Ctrl-C (or the app's Cancel, which sends SIGINT) in the middle of a checkpoint: the half-written folder goes
+    with it, and only complete checkpoints remain (before, `checkpoint-<step>.tmp` stayed behind)."""
+    from types import SimpleNamespace
+
+    script = _load_script()
+
+    class Accelerator:
+        is_main_process = True
+
+        def wait_for_everyone(self):
+            pass
+
+        def save_state(self, folder):
+            Path(folder).mkdir(parents=True)
+            (Path(folder) / "model.safetensors").write_bytes(b"half")
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        script.save_checkpoint(Accelerator(), SimpleNamespace(output_dir=str(tmp_path)), 4, 0)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny, tmp_path):
     """A learning rate of 1e30 makes the adapter overflow after one step: the next loss is not finite."""
     out = tmp_path / "nan"
