@@ -111,12 +111,17 @@ def parse_args(argv=None):
     p.add_argument("--no_plots", action="store_true", help="skip the PNGs")
     p.add_argument("--resume", action="store_true",
                    help="keep the finished runs of an earlier invocation with the same --tag and settings, run only the rest")
+    p.add_argument("--combine", default="",
+                   help="comma-separated tags of parallel invocations (same settings, e.g. --methods split over cores, "
+                        "each with lora) whose finished runs join this --tag's; implies --resume")
     args = p.parse_args(argv)
     preset = QUICK if args.quick else FULL
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.combine = [t.strip() for t in args.combine.split(",") if t.strip()]
+    args.resume = args.resume or bool(args.combine)
     try:
         args.methods = parse_methods(args.methods)
         args.seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
@@ -559,18 +564,35 @@ def sample_grid(rows: list[tuple[str, np.ndarray]], count: int, path: Path) -> N
 
 
 def previous_runs(json_path: Path, rows_path: Path, args) -> tuple[list[dict], dict[str, np.ndarray]]:
-    """With --resume: the runs an earlier invocation with the same settings finished, and their sample rows."""
-    if not (args.resume and json_path.is_file()):
+    """With --resume: the runs that earlier invocations with the same settings finished (this --tag's and those of
+    the --combine tags), and their sample rows."""
+    sources = [(json_path, rows_path)] + [(json_path.with_name(f"convergence_{tag}.json"),
+                                           rows_path.with_name(f".convergence_{tag}_samples.npz")) for tag in args.combine]
+    for path, _ in sources[1:]:
+        if not path.is_file():
+            exit_with_error(f"--combine: {path} not found")
+    if not args.resume:
         return [], {}
-    old = json.loads(json_path.read_text())
-    mismatch = [k for k in RESULT_SETTINGS if old["settings"].get(k) != getattr(args, k)]
-    if mismatch:
-        exit_with_error(f"--resume: {json_path} was written with other settings ({', '.join(mismatch)}); use another --tag")
     keys = {m.key for m in args.methods}
-    runs = [r for r in old["runs"] if r["method"] in keys and r["seed"] in args.seeds]
-    rows = dict(np.load(rows_path)) if rows_path.is_file() else {}
-    print(f"--resume: {len(runs)} runs already in {json_path}", flush=True)
-    return runs, rows
+    found: dict[tuple, dict] = {}
+    rows: dict[str, np.ndarray] = {}
+    for path, samples in sources:
+        if not path.is_file():
+            continue
+        old = json.loads(path.read_text())
+        mismatch = [k for k in RESULT_SETTINGS if old["settings"].get(k) != getattr(args, k)]
+        if mismatch:
+            exit_with_error(f"--resume: {path} was written with other settings ({', '.join(mismatch)}); use another --tag")
+        for run in old["runs"]:
+            if run["method"] in keys and run["seed"] in args.seeds:
+                key = (run["method"], run["seed"], run["lr"])
+                # The same run from two invocations is the same numbers (fixed seed); keep the one with images.
+                if key not in found or ("image_metrics" in run and "image_metrics" not in found[key]):
+                    found[key] = run
+        if samples.is_file():
+            rows.update({k: v for k, v in np.load(samples).items() if k not in rows})
+        print(f"--resume: {len(old['runs'])} runs in {path}", flush=True)
+    return list(found.values()), rows
 
 
 def write_json(path: Path, argv, args, device, steps, references, runs, started) -> dict:
@@ -657,9 +679,6 @@ def main(argv=None) -> int:
             sample_rows[m.key], sample_rows[m.key + " merged"] = unmerged[:GRID_COLUMNS], merged[:GRID_COLUMNS]
             np.savez_compressed(rows_path, **sample_rows)
 
-    def done(key, seed, lr=None) -> bool:
-        return any(r["method"] == key and r["seed"] == seed and (lr is None or r["lr"] == lr) for r in runs)
-
     # 1. the lr grid on the first seed (methods whose parent is in the study inherit its lr)
     swept = [m for m in args.methods if m.parent == m.key or m.parent not in keys]
     for m in swept:
@@ -681,7 +700,13 @@ def main(argv=None) -> int:
     for m in args.methods:
         lr = selected_lr(runs, m.parent if m not in swept else m.key, first)
         for seed in args.seeds:
-            if not done(m.key, seed, lr):
+            previous = next((r for r in runs if r["method"] == m.key and r["seed"] == seed and r["lr"] == lr), None)
+            if previous is not None and "image_metrics" not in previous:
+                # A sweep run whose images died with an interrupted process (--resume): train it again (the same
+                # seed gives the same run) rather than report this seed without image metrics.
+                runs.remove(previous)
+                previous = None
+            if previous is None:
                 finish(m, seed, lr, want_images=True)
 
     summary = write_json(json_path, argv, args, device, steps, references, runs, started)

@@ -24,6 +24,7 @@ import copy
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -408,8 +409,10 @@ def main(argv=None) -> int:
           f"methods: {', '.join(m.key for m in methods)}", flush=True)  # fmt: skip
 
     memory = {}
-    for m in methods:
+    for i, m in enumerate(methods, 1):
+        started = time.perf_counter()
         memory[m.key] = account_memory(m, unet, inputs, settings, args, device)
+        print(f"memory accounting {i}/{len(methods)}: {m.key} ({time.perf_counter() - started:.0f} s)", flush=True)
     timings = {m.key: {"seconds": [], "peak_bytes": []} for m in methods}
     inference = {}
     if not args.memory_only:

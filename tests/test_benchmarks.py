@@ -144,6 +144,24 @@ def test_convergence_quick_judges_the_merged_model_and_writes_json(tmp_path):
     refused = subprocess.run([sys.executable, *map(str, args[:-4]), "--threads", "2", "--out_dir", tmp_path / "out", "--resume"],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert refused.returncode == 2 and "threads" in refused.stderr.strip().splitlines()[-1]
+    # Invocations split over cores combine (--combine); a resumed sweep run whose images were lost is redone, not
+    # reported without image metrics (it was, before: the seed then had no image metrics at all).
+    part = json.loads((tmp_path / "out" / "convergence_merged_quick.json").read_text())
+    lora_lr = selection["lora"]["best_lr"]
+    part["runs"] = [r for r in part["runs"] if r["method"] != "ms_m1_anneal+"]
+    for run in part["runs"]:
+        if run["method"] == "lora" and run["seed"] == 0 and run["lr"] == lora_lr:
+            del run["image_metrics"]
+    (tmp_path / "out" / "convergence_part.json").write_text(json.dumps(part))
+    combined = run_script(*args[:-2], "--out_dir", tmp_path / "out", "--tag", "combined", "--combine", "part", "--no_plots", timeout=600)
+    trained = [line for line in combined.stdout.splitlines() if line.startswith("[")]
+    assert len(trained) == 3, combined.stdout  # ms_m1_anneal+ on 2 seeds, and lora's seed 0 again
+    again = json.loads((tmp_path / "out" / "convergence_combined.json").read_text())
+    for key in methods:  # the same seeds give the same runs, so the same summary
+        for figure in ("unmerged", "merged_best"):
+            assert again["summary"]["methods"][key][figure]["mean"] == pytest.approx(summary[key][figure]["mean"], rel=1e-6)
+    redone = next(r for r in again["runs"] if r["method"] == "lora" and r["seed"] == 0 and r["lr"] == lora_lr)
+    assert "image_metrics" in redone
 
 
 def test_the_lr_grid_grows_past_an_edge_optimum():
