@@ -76,8 +76,8 @@ def caption_files_present(directory: Path) -> bool:
 def looks_like_caption_folder(directory: Path) -> bool:
     """True if `directory` is itself a caption-file data set: a captioned image directly in it, or in one of its
     `N_name` folders. (A folder that merely holds several data sets below it is not one.)"""
-    def captioned_image_in(folder: Path) -> bool:
-        return any(path.suffix.lower() in IMAGE_EXTENSIONS and read_caption_file(path) is not None
+    def captioned_image_in(folder: Path) -> bool:  # existence only: listing folders must not read (or choke on) captions
+        return any(path.suffix.lower() in IMAGE_EXTENSIONS and any(path.with_suffix(e).is_file() for e in CAPTION_EXTENSIONS)
                    for path in folder.iterdir() if path.is_file())
 
     if not directory.is_dir():

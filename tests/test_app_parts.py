@@ -199,8 +199,11 @@ def test_the_train_tab_lists_imagefolders_and_kohya_caption_folders(tmp_path):
     (tmp_path / "flat").mkdir()  # captioned images directly in the folder
     image.save(tmp_path / "flat" / "c.png")
     (tmp_path / "flat" / "c.caption").write_text("c")
+    (tmp_path / "unreadable").mkdir()  # listed; the training run reports the caption file in one line
+    image.save(tmp_path / "unreadable" / "e.png")
+    (tmp_path / "unreadable" / "e.txt").write_bytes(b"\xff\xfe\xfa")
     (tmp_path / "uncaptioned").mkdir()
     image.save(tmp_path / "uncaptioned" / "d.png")
     folders = page_parts.Folders(adapters=[], models=[], data=[tmp_path], workdir=tmp_path / "work")
     listed = sorted(Path(path).relative_to(tmp_path).as_posix() for _, path in page_parts.data_choices(folders))
-    assert listed == ["flat", "imagefolder", "projects/kohya"]  # not the concept folder on its own, not `uncaptioned`
+    assert listed == ["flat", "imagefolder", "projects/kohya", "unreadable"]  # not the concept folder on its own, not `uncaptioned`
