@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from reslora_diffusers import ResLoRAAdapter, ResLoRAConfig, apply_reslora
 from reslora_diffusers.lora_plus import lora_plus_param_groups
@@ -214,8 +215,11 @@ def autocast(device: torch.device, precision: str):
 
 
 # -- memory -----------------------------------------------------------------------------------------------
-def _storage_key(tensor: torch.Tensor) -> int:
-    # The storage's identity: views of one tensor share it.
+def _storage_key(tensor: torch.Tensor) -> int | tuple[str, int]:
+    # The storage's identity: views of one tensor share it. A fake tensor has no data pointer; its storage
+    # object stands for it (alive as long as a tensor on it is, which saved tensors are while recording).
+    if isinstance(tensor, FakeTensor):
+        return ("fake", tensor.untyped_storage()._cdata)
     return tensor.untyped_storage().data_ptr()
 
 
@@ -226,9 +230,15 @@ class SavedTensorBytes:
     Deterministic, unlike process RSS: it is the activation memory a training step holds at the end of
     its forward pass, whatever the allocator does. Parameters that are saved (e.g. a frozen weight for
     the input gradient) are resident anyway and are excluded; cast copies of them (autocast) count.
+
+    With `fake_mode` (a `FakeTensorMode` the forward runs under), the forward computes nothing: the
+    bytes come from the shapes and dtypes of the fake tensors autograd saves, which are the same as a
+    real run's (tests/test_benchmarks.py checks this). The weights stay real; the mode's fake copies of
+    them are excluded too (views of them, e.g. a linear layer's transposed weight, are fake).
     """
 
     exclude: Iterable[nn.Module]
+    fake_mode: FakeTensorMode | None = None
     total: int = 0
     _seen: set = field(default_factory=set)
     _excluded: set = field(default_factory=set)
@@ -242,7 +252,10 @@ class SavedTensorBytes:
 
     @contextlib.contextmanager
     def recording(self):
-        self._excluded = {_storage_key(t) for module in self.exclude for t in (*module.parameters(), *module.buffers())}
+        weights = [t for module in self.exclude for t in (*module.parameters(), *module.buffers())]
+        # Held for the recording: the mode reuses these conversions only while they are alive.
+        fakes = [self.fake_mode.from_tensor(t) for t in weights] if self.fake_mode is not None else []
+        self._excluded = {_storage_key(t) for t in (*weights, *fakes)}
         self._seen, self.total = set(), 0
         with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor):
             yield self

@@ -274,8 +274,10 @@ def _bs_dense_is_cheaper(tokens: int, in_features: int, out_features: int, rank:
     """Whether one dense ΔW = B*A* costs fewer multiply-adds than the rank-R product B*(A*x).
 
     A `bs` block with many linked predecessors has a rank R = (m+1)·r that can reach the layer's width.
-    The low-rank path then does more work per token than a dense matmul; the dense path also keeps only
-    the out × in ΔW for backward. Same result up to rounding: a choice of evaluation order, made per call.
+    The low-rank path then does more work per token than a dense matmul. The choice counts work, not
+    memory: the dense path keeps ΔW (out × in) and the concatenated factors (R × (in + out)) for backward,
+    the low-rank path recomputes and keeps nothing new (so at SDXL's 1024 px, where long chains go dense,
+    `bs` keeps more than LoRA: BENCHMARKS.md). Same result up to rounding: an evaluation order, per call.
     """
     low_rank = tokens * rank * (in_features + out_features)
     dense = out_features * in_features * (rank + tokens)

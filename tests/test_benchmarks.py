@@ -55,6 +55,34 @@ def test_speed_tiny_prints_table_and_writes_json(tmp_path):
     assert any(t["target"].startswith("our LoRA step") for t in data["targets"])
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_fake_tensor_accounting_counts_the_bytes_a_real_forward_saves(family, precision):
+    # speed.py --fake_tensors is how BENCHMARKS.md gets its SDXL-size memory table (a real bf16 SDXL
+    # forward + backward takes hours on CPU): it must count exactly what a real run counts, per method.
+    from types import SimpleNamespace
+
+    from benchmarks.common import AdapterSettings, parse_methods
+    from benchmarks.speed import account_memory, make_inputs
+    from tests.tiny_models import tiny_sdxl_unet, tiny_unet
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    unet = (tiny_sdxl_unet() if family == "sdxl" else tiny_unet()).to(dtype)
+    args = SimpleNamespace(batch=2, latent_size=16, text_length=12, seed=0, precision=precision, fake_tensors=False)
+    device = torch.device("cpu")
+    inputs = make_inputs(unet, args, device, dtype)
+    settings = AdapterSettings(rank=4, lora_alpha=4.0)
+    outputs = []  # what the UNet returned: a real tensor, or a fake one when nothing was computed
+    unet.register_forward_hook(lambda module, args_, output: outputs.append(type(output.sample).__name__))
+    for m in parse_methods("floor,peft,lora,is,bs,bs_m1,ms,delta"):
+        outputs.clear()
+        real = account_memory(m, unet, inputs, settings, args, device)
+        fake = account_memory(m, unet, inputs, settings, SimpleNamespace(**{**vars(args), "fake_tensors": True}), device)
+        assert outputs[-2:] == ["Tensor", "FakeTensor"], (m.key, outputs)
+        assert real["saved_bytes"] > 0
+        assert fake == real, m.key
+
+
 def tiny_pipeline(directory: Path) -> None:
     """A v-prediction SD pipeline in miniature (32 px images, 16×16 latents) whose tokenizer knows letters."""
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
