@@ -58,8 +58,8 @@ def test_speed_tiny_prints_table_and_writes_json(tmp_path):
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_fake_tensor_accounting_counts_the_bytes_a_real_forward_saves(family, precision):
-    # speed.py --fake_tensors is how BENCHMARKS.md gets its SDXL-size memory table (a real bf16 SDXL
-    # forward + backward takes hours on CPU): it must count exactly what a real run counts, per method.
+    # speed.py --fake_tensors counts SDXL-size memory in seconds (BENCHMARKS.md cross-checks its SDXL
+    # table with it): it must count exactly what a real run counts, per method.
     from types import SimpleNamespace
 
     from benchmarks.common import AdapterSettings, parse_methods
