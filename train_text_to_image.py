@@ -39,7 +39,15 @@ from reslora_diffusers.config import MERGE_METHODS, RES_TYPES, ResLoRAConfig
 from reslora_diffusers.config_file import parse_with_config
 from reslora_diffusers.data_options import add_data_arguments, check_data_arguments
 from reslora_diffusers.pipeline_io import hub_access_error
-from reslora_diffusers.run_safety import ownership_error, resume_error, run_settings
+from reslora_diffusers.run_folder import (
+    RunLock,
+    claim_outputs,
+    clear_owned_outputs,
+    nested_output_error,
+    ownership_error,
+    release_run_locks,
+)
+from reslora_diffusers.run_safety import WRITE_ERRORS, optimizer_settings, resume_error, run_settings
 from reslora_diffusers.training_data import INTERPOLATION_MODES
 
 ROOT = Path(__file__).resolve().parent
@@ -50,6 +58,8 @@ CHECKPOINT_MARKER = "reslora_checkpoint.json"
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
 PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 FLOAT32_MAX = 3.4028234663852886e38  # the optimizer applies the learning rate as a float32
+MAX_SEED = 2**31 - 1  # numpy seeds must stay below 2**32 after accelerate adds each process's index
+PIPELINE_FACTOR = 8  # diffusers' pipelines refuse heights and widths that are not multiples of 8
 
 
 def parse_args(argv=None):
@@ -289,10 +299,24 @@ def parse_args(argv=None):
         parser.error(f"--rank must be > 0, got {args.rank}")
     if not 0 < args.learning_rate <= FLOAT32_MAX:
         parser.error(f"--learning_rate must be > 0 and fit a float32 (<= 3.4e38), got {args.learning_rate}")
+    if not 0 <= args.seed <= MAX_SEED:
+        parser.error(f"--seed must be a whole number in 0..{MAX_SEED} (a fixed seed is what makes a run repeatable and "
+                     f"resumable; -1 does not mean 'random' here), got {args.seed}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            parser.error(f"--{name} must be in [0, 1), got {getattr(args, name)}")
+    for name in ("adam_weight_decay", "adam_epsilon", "noise_offset"):
+        if not 0 <= getattr(args, name) < math.inf:
+            parser.error(f"--{name} must be >= 0 and finite, got {getattr(args, name)}")
+    if not 0 < args.max_grad_norm < math.inf:
+        parser.error(f"--max_grad_norm must be > 0 and finite (0 would clip every gradient to nothing), got {args.max_grad_norm}")
+    if args.resolution is not None and args.resolution % PIPELINE_FACTOR:
+        parser.error(f"--resolution must be a multiple of {PIPELINE_FACTOR} (diffusers' pipelines need it to draw "
+                     f"validation images and calibrate the merge), got {args.resolution}")
     if args.pre_num == 0 and args.res_type != "none":
         parser.error(f"--pre_num 0 links no earlier block, so --res_type {args.res_type} would train plain LoRA; "
                      "pass --pre_num -1 (all) or >= 1, or --res_type none")
-    for name in ("num_validation_images", "lr_warmup_steps", "noise_offset", "max_grad_norm", "dataloader_num_workers"):
+    for name in ("num_validation_images", "lr_warmup_steps", "dataloader_num_workers"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.snr_gamma is not None and args.snr_gamma <= 0:
@@ -302,6 +326,7 @@ def parse_args(argv=None):
         parser.error("--overwrite_output_dir starts a new run, --resume_from_checkpoint continues one: pass one of them")
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)
+    args.optimizer_settings = optimizer_settings(args)  # before main() scales the learning rate or counts the steps
     if not 0 <= args.shortcut_anneal_fraction <= 1:
         parser.error(f"--shortcut_anneal_fraction must be in [0, 1], got {args.shortcut_anneal_fraction}")
     if args.lora_plus_ratio <= 0:
@@ -354,16 +379,48 @@ def _hub_id(name: str) -> bool:
     return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.startswith((".", "/"))
 
 
+def output_error(args, resume_from: Path | None) -> str | None:
+    """Why this run may not write into --output_dir (see reslora_diffusers/run_folder.py), or None."""
+    output_dir = Path(args.output_dir)
+    data = args.dataset_name if args.dataset_name and Path(args.dataset_name).is_dir() else args.train_data_dir
+    protected = {"the training data": data, "the base model": args.pretrained_model_name_or_path,
+                 "the base config": args.base_config, "the VAE": args.pretrained_vae_model_name_or_path}
+    error = nested_output_error(output_dir, protected, contains=False)
+    if error:
+        return error.replace(f"{output_dir} ", f"--output_dir {output_dir} ", 1)
+    # A resume continues its own folder's run; `latest` without a checkpoint starts a new run.
+    resuming = resume_from is not None and resume_from.resolve().parent == output_dir.resolve()
+    return ownership_error(output_dir, args.logging_dir, resuming=resuming, overwrite=args.overwrite_output_dir)
+
+
+def writable_folder_error(flag: str, folder: str | None) -> str | None:
+    """Why `folder` (to be created if missing) cannot be written, checked before any work is done."""
+    if folder is None:
+        return None
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        return f"{flag} {folder} is a file, not a folder"
+    existing = next((p for p in [path, *path.resolve().parents] if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        return f"{flag} {folder} cannot be created: {existing} is a file"
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        return f"{flag} {folder} cannot be written: {existing} is read-only"
+    return None
+
+
 def preflight(args) -> None:
     """Every check that needs no model: the base path, the output folder's owner, the resume's settings, the network."""
     check_base(args)
     resume_from = find_resume_checkpoint(args) if args.resume_from_checkpoint else None
-    # `--resume_from_checkpoint latest` without a checkpoint starts a new run, which must not mix with another.
-    error = ownership_error(Path(args.output_dir), resuming=resume_from is not None, overwrite=args.overwrite_output_dir)
+    for flag, folder in (("--output_dir", args.output_dir), ("--data_cache_dir", args.data_cache_dir)):
+        error = writable_folder_error(flag, folder)
+        if error:
+            exit_with_error(error)
+    error = output_error(args, resume_from)
     if error:
         exit_with_error(error)
     if resume_from is not None:
-        error = resume_error(resume_from, CHECKPOINT_MARKER, run_settings(args))
+        error = incomplete_checkpoint_error(resume_from) or resume_error(resume_from, CHECKPOINT_MARKER, run_settings(args))
         if error:
             exit_with_error(error)
     for name in (args.pretrained_model_name_or_path, args.base_config):
@@ -398,6 +455,19 @@ def find_resume_checkpoint(args) -> Path | None:
     return path
 
 
+# What accelerate's save_state writes for this script (random_states_<process>.pkl one per process), besides the
+# adapter: the optimizer and scheduler state (torch pickles, read back with weights_only) and the RNG states.
+CHECKPOINT_FILES = ("reslora_adapter.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl")
+
+
+def incomplete_checkpoint_error(checkpoint: Path) -> str | None:
+    missing = [name for name in CHECKPOINT_FILES if not (checkpoint / name).is_file()]
+    if missing:
+        return (f"cannot resume from {checkpoint}: it lacks {', '.join(missing)} (deleted or never written); "
+                "resume from an earlier checkpoint")
+    return None
+
+
 if __name__ == "__main__":
     # Bad input fails here, in seconds, before the imports below (diffusers, transformers, accelerate take
     # 10-90 s on a busy machine); main() repeats these cheap checks for callers that import this file.
@@ -430,7 +500,6 @@ from reslora_diffusers.sdxl import SDXLConditioning  # noqa: E402
 from reslora_diffusers.model_card import model_card  # noqa: E402
 from reslora_diffusers.run_safety import (  # noqa: E402
     NonFiniteError,
-    clear_run_outputs,
     factor_tensors,
     optimizer_tensors,
     require_finite,
@@ -691,6 +760,22 @@ def shut_down(accelerator) -> None:
     accelerator.end_training()  # finishes the trackers and destroys the process group
 
 
+def finished_at(output_dir: Path) -> int | None:
+    """The step whose exports a run completed in `output_dir` (its training summary, written last), else None."""
+    try:
+        return json.loads((output_dir / "training_summary.json").read_text())["global_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def any_process_failed(accelerator, error: str | None) -> bool:
+    """True on every process when any of them has an `error`, so that all stop together instead of one waiting."""
+    if accelerator.num_processes == 1:
+        return error is not None
+    flag = torch.tensor([0.0 if error is None else 1.0], device=accelerator.device)
+    return bool(accelerator.gather(flag).sum() > 0)
+
+
 def adapter_replica_difference(accelerator, adapter) -> float:
     """Largest difference between this process's adapter and any other's (0.0: all replicas identical)."""
     flat = torch.cat([p.detach().float().flatten() for p in adapter.trainable_parameters()])
@@ -699,6 +784,14 @@ def adapter_replica_difference(accelerator, adapter) -> float:
 
 
 def main(argv=None):
+    """Trains, then releases the output folder's lock however the run ended (an in-process caller may start another)."""
+    try:
+        train(argv)
+    finally:
+        release_run_locks()
+
+
+def train(argv=None):
     args = parse_args(argv)
     # Everything that can be checked without loading models is checked before anything is written.
     preflight(args)
@@ -751,8 +844,10 @@ def main(argv=None):
     vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if args.resolution is None:
         args.resolution = int(vae.config.sample_size)
-    if args.resolution % vae_scale_factor:
-        exit_with_error(f"--resolution must be a multiple of {vae_scale_factor} (the VAE's downsampling factor), got {args.resolution}")
+    factor = math.lcm(vae_scale_factor, PIPELINE_FACTOR)
+    if args.resolution % factor:
+        exit_with_error(f"--resolution must be a multiple of {factor} (the VAE downsamples by {vae_scale_factor}, and "
+                        f"diffusers' pipelines need multiples of {PIPELINE_FACTOR}), got {args.resolution}")
     if resume_from is not None and (error := resume_error(resume_from, CHECKPOINT_MARKER, run_settings(args))):
         exit_with_error(error)  # again, now that the default resolution is known
 
@@ -855,32 +950,54 @@ def main(argv=None):
 
     global_step, first_epoch = 0, 0
     if resume_from is not None:
+        marker = json.loads((resume_from / CHECKPOINT_MARKER).read_text())
+        saved_processes = marker.get("num_processes", accelerator.num_processes)
+        if saved_processes != accelerator.num_processes:
+            # accelerate steps the scheduler once per process and splits each batch over the processes: another
+            # count would restore the learning rate at another point of its schedule and change the data order.
+            exit_with_error(f"cannot resume from {resume_from}: it was trained on {saved_processes} process(es), this run has "
+                            f"{accelerator.num_processes}; launch it with --num_processes {saved_processes}")
         accelerator.print(f"Resuming from checkpoint {resume_from}")
-        accelerator.load_state(str(resume_from))
-        global_step = json.loads((resume_from / CHECKPOINT_MARKER).read_text())["global_step"]
+        try:
+            accelerator.load_state(str(resume_from))
+        except SystemExit:
+            raise
+        except Exception as error:  # a truncated optimizer.bin / scheduler.bin / RNG state: torch raises many types
+            exit_with_error(f"cannot resume from {resume_from}: {first_line(error)} (a file of it is damaged); "
+                            "resume from an earlier checkpoint")
+        global_step = marker["global_step"]
         first_epoch = global_step // num_update_steps_per_epoch
         try:  # a checkpoint is checked when written; one from an older version of this script may not have been
             require_finite(adapter.state_dict(), f"the adapter in {resume_from}")
         except NonFiniteError as error:
             exit_with_error(f"cannot resume: {error}; resume from an earlier checkpoint")
-        if global_step >= args.max_train_steps:
+        if global_step >= args.max_train_steps and finished_at(output_dir) == global_step:
             accelerator.print(
                 f"Nothing left to train: {resume_from} is at step {global_step} and --max_train_steps is {args.max_train_steps}; "
-                f"the outputs in {output_dir} are left as they are (raise --max_train_steps to train on)."
+                f"the outputs in {output_dir} are complete and left as they are."
             )
             unet = text_encoder = None  # their DDP wrappers hold the process group; shut_down frees it in order
             shut_down(accelerator)
             return
+        if global_step >= args.max_train_steps:  # interrupted after its last checkpoint, before the exports
+            accelerator.print(f"{resume_from} is the run's last step; writing the exports it did not finish.")
     elif args.resume_from_checkpoint == "latest":
         accelerator.print(f"No complete checkpoint in {output_dir}: starting a new training run.")
     resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
 
-    # From here on, files are written.
+    # From here on, files are written: under a lock on the folder, into names the manifest records first.
     metrics = None
     if accelerator.is_main_process:
-        if args.overwrite_output_dir:
-            clear_run_outputs(output_dir)  # the previous run's files only; anything else in the folder stays
         output_dir.mkdir(parents=True, exist_ok=True)
+        error = RunLock(output_dir).acquire() or output_error(args, resume_from)  # checked again now that no one else can write
+    else:
+        error = None
+    if any_process_failed(accelerator, error):
+        exit_with_error(error or "another process of this run stopped before training")
+    if accelerator.is_main_process:
+        if args.overwrite_output_dir:
+            clear_owned_outputs(output_dir)  # what the manifest lists only; anything else in the folder stays
+        claim_outputs(output_dir, args.logging_dir)
         for leftover in output_dir.glob("checkpoint-*.tmp"):
             shutil.rmtree(leftover)  # a checkpoint a crash cut short; never complete, never resumed from
         # The flags this run was started with (config file and command line merged): `--config` reads it back.
@@ -1069,7 +1186,9 @@ def main(argv=None):
         if validate:
             grids.append(log_validation(pipeline, accelerator, args, global_step))
 
-        def calibration():  # the lstsq merge: the unmerged model on the validation prompts
+        def calibration():  # the lstsq / calibrated merge: the unmerged model (in eval mode) on the validation prompts
+            for model in (pipeline.unet, pipeline.text_encoder):
+                model.eval()
             pipeline(list(args.validation_prompt), num_inference_steps=8, height=args.resolution, width=args.resolution,
                      generator=torch.Generator().manual_seed(args.seed), output_type="latent")
 
@@ -1163,4 +1282,10 @@ def push_to_hub(args, output_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except OSError as error:  # a full disk, a folder made read-only mid-run: one line, not a traceback
+        if error.errno not in WRITE_ERRORS:
+            raise
+        exit_with_error(f"cannot write {error.filename or 'an output'}: {error.strerror}; the files written before are "
+                        "complete (atomic writes), and --resume_from_checkpoint latest continues from the last checkpoint", code=1)

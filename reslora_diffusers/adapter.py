@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections.abc import Iterator
 
 import torch
@@ -61,6 +62,14 @@ def _text_encoder_targets(
             if target is not None:
                 found[f"{component}.{path}"] = (target, module)
     return found
+
+
+def _read_by_sdxl(text_encoder: nn.Module, targets: dict[str, tuple[str, nn.Linear]]) -> dict[str, tuple[str, nn.Linear]]:
+    """SDXL reads its first text encoder's penultimate hidden state only: a block in the last layer would get no
+    gradient (exported with B = 0, and DDP stops on the unused parameters), so that layer gets none."""
+    last = text_encoder.config.num_hidden_layers - 1
+    in_last_layer = re.compile(rf"(^|\.)encoder\.layers\.{last}\.")
+    return {name: value for name, value in targets.items() if not in_last_layer.search(name)}
 
 
 def _probe_unet(unet: nn.Module, text_length: int) -> None:
@@ -353,6 +362,8 @@ def apply_reslora(
         component: _text_encoder_targets(model, config.text_encoder_targets, component)
         for component, model in encoders.items()
     }
+    if text_encoder is not None and text_encoder_2 is not None and "text_encoder" in text_targets:
+        text_targets["text_encoder"] = _read_by_sdxl(text_encoder, text_targets["text_encoder"])
     text_targets = {component: targets for component, targets in text_targets.items() if targets}
     if not unet_targets and not text_targets:
         raise ValueError(f"no adapter targets found: unet_targets={config.unet_targets}, text_encoder_targets={config.text_encoder_targets}")

@@ -18,13 +18,15 @@ import logging
 import re
 from pathlib import Path
 
-from .training_data import METADATA_FILES, DatasetError, Example, decodes, load_imagefolder
+from .training_data import METADATA_FILES, DatasetError, Example, decodes, load_imagefolder, read_text_file
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_EXTENSIONS = (".txt", ".caption")
 _REPEATS_FOLDER = re.compile(r"(\d+)_(.+)")
+MAX_REPEATS = 100_000  # per `N_name` folder; kohya data sets use 1-100 (a typo like 1000000000 filled the memory)
+MAX_EPOCH_LENGTH = 10_000_000  # images per epoch, repeats included
 
 
 def has_metadata(directory: Path) -> bool:
@@ -48,6 +50,11 @@ def repeats_of(path: Path, directory: Path) -> tuple[int, str | None]:
     match = _REPEATS_FOLDER.fullmatch(parts[0]) if len(parts) > 1 else None
     if match is None:
         return 1, None
+    if int(match.group(1)) > MAX_REPEATS:
+        raise DatasetError(
+            f"folder {parts[0]!r} of {directory} repeats its images {int(match.group(1)):,} times per epoch; "
+            f"at most {MAX_REPEATS:,} (the number before '_' is the repeat count)"
+        )
     return int(match.group(1)), match.group(2)
 
 
@@ -59,10 +66,7 @@ def read_caption_file(image: Path) -> tuple[str, ...] | None:
         path = image.with_suffix(extension)
         if not path.is_file():
             continue
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise DatasetError(f"cannot read caption file {path}: {error}") from None
+        text = read_text_file(path, "caption file ")
         found[path] = tuple(line.strip() for line in text.splitlines() if line.strip()) or ("",)
     if len(set(found.values())) > 1:
         raise DatasetError(f"{image} has two caption files that differ: {' and '.join(map(str, found))}; keep one")
@@ -126,7 +130,14 @@ def load_caption_folder(directory: str | Path, missing_caption: str = "error") -
         logger.warning("%d caption file(s) are empty: those images train with the empty caption", empty)
     if not examples:
         raise DatasetError(f"no readable image in {directory} ({len(skipped)} found, all corrupt)")
+    check_epoch_length(examples, directory)
     return examples
+
+
+def check_epoch_length(examples: list[Example], directory: Path) -> None:
+    total = sum(example.repeats for example in examples)
+    if total > MAX_EPOCH_LENGTH:
+        raise DatasetError(f"{directory}: its `N_name` repeats make {total:,} images per epoch; at most {MAX_EPOCH_LENGTH:,}")
 
 
 def load_local_folder(
@@ -171,4 +182,6 @@ def load_local_folder(
             "pass --caption_source metadata or files to choose one"
         )
     # Metadata and files agree: the folder's `N_name` repeats still apply.
-    return [Example(e.image, e.captions, repeats_of(e.image, directory)[0]) for e in from_metadata]
+    examples = [Example(e.image, e.captions, repeats_of(e.image, directory)[0]) for e in from_metadata]
+    check_epoch_length(examples, directory)
+    return examples

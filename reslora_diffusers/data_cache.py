@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write
-from .training_data import Augmentation, DatasetError, Example, ImageTransform, Size
+from .training_data import DECODE_VERSION, Augmentation, DatasetError, Example, ImageTransform, Size
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ def module_fingerprint(module: torch.nn.Module) -> str:
 
 def image_fingerprint(example: Example) -> str:
     digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"decode-{DECODE_VERSION}:".encode())
     if isinstance(example.image, Path):
         digest.update(example.image.read_bytes())
     else:
@@ -92,6 +93,18 @@ def _encode_missing(
 ) -> list[torch.Tensor]:
     """Each key's entry: read from the store, or encoded (`encode(positions)`, in batches of one group) and stored."""
     entries: list[torch.Tensor | None] = [store.load(key) for key in keys]
+    # An entry read back must have the shape and dtype a fresh encoding has (one fresh entry per group says
+    # which); one that does not (a file written by other code, or edited) is re-encoded, never trained on.
+    reference: dict[object, torch.Tensor] = {}
+    for position, entry in enumerate(entries):
+        group = group_of(position)
+        if entry is not None and group not in reference:
+            reference[group] = encode([position])[0].cpu()
+        if entry is not None and (entry.shape != reference[group].shape or entry.dtype != reference[group].dtype):
+            logger.warning("re-encoding cache entry %s: it holds %s %s, not %s %s", keys[position], entry.dtype,
+                           tuple(entry.shape), reference[group].dtype, tuple(reference[group].shape))
+            entries[position] = None
+            store.read -= 1
     missing: dict[object, list[int]] = {}
     for position, entry in enumerate(entries):
         if entry is None:

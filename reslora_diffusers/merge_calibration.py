@@ -79,7 +79,9 @@ class LayerStatistics:
             if float(gram.diagonal().sum()) <= 0:
                 alphas[name] = [1.0] * len(terms)
                 continue
-            alphas[name] = torch.linalg.lstsq(gram, cross.unsqueeze(1)).solution.squeeze(1).tolist()
+            # gelsd (SVD): the default gelsy gave results that differ in the last bits from process to process on
+            # the same input (measured on CPU), so two merges of one adapter wrote different files.
+            alphas[name] = torch.linalg.lstsq(gram, cross.unsqueeze(1), driver="gelsd").solution.squeeze(1).tolist()
         return alphas
 
     def calibrated_down(self, name: str, prior: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,9 @@ from .merge import (
     truncate_all,
 )
 from .pipeline_io import UserInputError, load_pipeline, quiet_libraries
-from .run_safety import factor_tensors, require_finite
+from .formats.diffusers_lora import DIFFUSERS_LORA_WEIGHT_NAME
+from .run_folder import nested_output_error
+from .run_safety import WRITE_ERRORS, factor_tensors, require_finite
 
 FORMATS = ("diffusers-lora", "kohya", "diffusers", "single-file")
 DEFAULT_PROMPTS = ("fish", "french fries", "red heart", "smiling face with sunglasses", "flag: japan", "cat face")
@@ -45,10 +47,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--base", required=True, help="Base model: a diffusers folder or a single-file .safetensors checkpoint.")
     parser.add_argument("--base_config", default=None, help="Diffusers folder describing a single-file base (its config).")
     parser.add_argument("--adapter", required=True, help="Folder written by save_adapter / the training script.")
-    parser.add_argument("--format", required=True, choices=FORMATS, help="What to write (see README).")
-    parser.add_argument("--merge_method", default="input", choices=MERGE_METHODS, help="How is / ms shortcuts are estimated.")
-    parser.add_argument("--output", required=True, help="Output file (kohya, single-file) or folder (diffusers-lora, diffusers).")
-    parser.add_argument("--overwrite", action="store_true", help="Replace an existing output.")
+    parser.add_argument("--format", required=True, nargs="+", choices=FORMATS,
+                        help="What to write (see README); several formats are written from one and the same merge, "
+                        f"into the --output folder as {', '.join(f'{n}' for n in MULTI_FORMAT_NAMES.values())}.")
+    parser.add_argument("--merge_method", default="calibrated", choices=MERGE_METHODS,
+                        help="How is / ms shortcuts are estimated (calibrated: as the training script's exports).")
+    parser.add_argument("--output", required=True,
+                        help="Output file (kohya, single-file) or folder (diffusers-lora: the folder gets its one file; "
+                        "diffusers: the whole folder); with several formats, the folder they go into.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing output (never the adapter or the base).")
     parser.add_argument("--export_rank", type=int, default=None, help="Re-compress every merged LoRA to this rank (truncated SVD).")
     parser.add_argument("--half", action="store_true", help="single-file / diffusers: store weights in fp16.")
     parser.add_argument("--calibration_prompts", nargs="+", default=list(DEFAULT_PROMPTS), help="Prompts for lstsq and the report.")
@@ -62,12 +69,45 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--export_rank must be > 0, got {args.export_rank}")
     if args.num_inference_steps <= 0 or args.num_inference_steps > 1000:
         parser.error("--num_inference_steps must be in 1..1000")
-    output = Path(args.output)
-    if args.format in ("kohya", "single-file") and output.suffix != ".safetensors":
-        parser.error(f"--format {args.format} writes one .safetensors file; --output must end in .safetensors")
-    if output.exists() and not args.overwrite:
-        parser.error(f"{output} exists; pass --overwrite to replace it")
+    args.format = list(dict.fromkeys(args.format))  # each format once, in the order given
+    args.outputs = output_paths(args.format, Path(args.output))
+    if len(args.format) == 1 and args.format[0] in ("kohya", "single-file") and Path(args.output).suffix != ".safetensors":
+        parser.error(f"--format {args.format[0]} writes one .safetensors file; --output must end in .safetensors")
+    if len(args.format) > 1 and Path(args.output).is_file():
+        parser.error(f"several formats go into one folder, but --output {args.output} is a file")
+    for output in args.outputs.values():
+        # A merge reads the adapter and the base until it writes: an output that replaces either would destroy them.
+        error = nested_output_error(output, {"--adapter": args.adapter, "--base": args.base, "--base_config": args.base_config})
+        if error:
+            parser.error(error)
+        if output.exists() and not args.overwrite:
+            parser.error(f"{output} exists; pass --overwrite to replace it")
+    if args.report is not None:
+        report = Path(args.report)
+        if report.is_dir():
+            parser.error(f"--report {args.report} is a folder; name the JSON file to write")
+        error = nested_output_error(report, {"--adapter": args.adapter, "--base": args.base})
+        if error:
+            parser.error(error)
     return args
+
+
+# With several formats, each is written into the --output folder under these names.
+MULTI_FORMAT_NAMES = {
+    "diffusers-lora": DIFFUSERS_LORA_WEIGHT_NAME,
+    "kohya": "kohya_lora.safetensors",
+    "single-file": "merged_model.safetensors",
+    "diffusers": "merged_diffusers",
+}
+
+
+def output_paths(formats: list[str], output: Path) -> dict[str, Path]:
+    """Where each format goes: `output` itself for one format (a diffusers-lora folder gets its one file), else
+    `output/<name>` (MULTI_FORMAT_NAMES)."""
+    if len(formats) == 1:
+        only = formats[0]
+        return {only: output / DIFFUSERS_LORA_WEIGHT_NAME if only == "diffusers-lora" else output}
+    return {name: output / MULTI_FORMAT_NAMES[name] for name in formats}
 
 
 class Progress:
@@ -176,20 +216,33 @@ def print_report(report: dict) -> None:
         )
 
 
-def write_output(pipe, adapter, factors, args, metadata: dict[str, str]) -> Path:
+# LoRA files first: the merged formats bake the factors into the base, once, for all of them.
+WRITE_ORDER = ("diffusers-lora", "kohya", "single-file", "diffusers")
+
+
+def write_outputs(pipe, adapter, factors, args, metadata: dict[str, str], progress) -> dict[str, Path]:
+    """Writes every requested format from the same merged factors; returns where each went."""
     from .formats import kohya_model_configs, save_diffusers_lora, save_kohya_lora, save_single_file_checkpoint
 
-    output = Path(args.output)
-    if args.format == "kohya":
-        return save_kohya_lora(factors, output, metadata, **kohya_model_configs(pipe))
-    if args.format == "diffusers-lora":
-        return atomic_write_folder(output, lambda folder: save_diffusers_lora(factors, folder, metadata))
-    merge_into_base(adapter, factors)
-    if args.format == "single-file":
-        return save_single_file_checkpoint(pipe, output, half=args.half)
-    if args.half:
-        pipe.to(torch.float16)
-    return atomic_write_folder(output, lambda folder: pipe.save_pretrained(folder, safe_serialization=True))
+    written = {}
+    for name in sorted(args.format, key=WRITE_ORDER.index):
+        output = args.outputs[name]
+        progress(f"writing {name} to {output}")
+        if name == "kohya":
+            written[name] = save_kohya_lora(factors, output, metadata, **kohya_model_configs(pipe))
+        elif name == "diffusers-lora":  # only its own file: the folder may hold a training run or other files
+            written[name] = save_diffusers_lora(factors, output.parent, metadata)
+        else:
+            if not getattr(adapter, "_merged_into_base", False):
+                merge_into_base(adapter, factors)
+                adapter._merged_into_base = True
+                if args.half:
+                    pipe.to(torch.float16)
+            if name == "single-file":
+                written[name] = save_single_file_checkpoint(pipe, output, half=args.half)
+            else:
+                written[name] = atomic_write_folder(output, lambda folder: pipe.save_pretrained(folder, safe_serialization=True))
+    return written
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -223,11 +276,12 @@ def run(args: argparse.Namespace) -> dict:
         "reslora_merge_method": report["chosen"],
         "reslora_config": adapter.config.to_json(),
     }
-    progress(f"writing {args.format} to {args.output}")
-    output = write_output(pipe, adapter, factors, args, metadata)
-    report["output"] = str(output)
+    written = write_outputs(pipe, adapter, factors, args, metadata, progress)
+    report["outputs"] = {name: str(path) for name, path in written.items()}
     report["format"] = args.format
-    report_path = Path(args.report) if args.report else output.parent / f"{output.name}.merge_report.json"
+    output = Path(args.output)
+    beside = output / f"{output.name}.merge_report.json" if len(args.format) > 1 else output.parent / f"{output.name}.merge_report.json"
+    report_path = Path(args.report) if args.report else beside
     atomic_write_text(report_path, json.dumps(report, indent=2))
     print_report(report)
     if "export_rank" in report:
@@ -236,7 +290,9 @@ def run(args: argparse.Namespace) -> dict:
             print(f"re-compressed to rank {e['rank']}: energy kept min {e['energy_kept_min']:.4f}, mean {e['energy_kept_mean']:.4f}")
         else:
             print(f"--export_rank {e['requested']} is not below the merged rank ({e['merged_rank']}): written at rank {e['rank']}, unchanged")
-    print(f"wrote {args.format} to {output}\nreport: {report_path}")
+    for name, path in written.items():
+        print(f"wrote {name} to {path}")
+    print(f"report: {report_path}")
     return report
 
 
@@ -249,4 +305,9 @@ def main(argv=None) -> int:
     except (UserInputError, ValueError, FileNotFoundError) as error:  # NonFiniteError is a ValueError
         sys.stderr.write(f"error: {error}\n")
         return 2
+    except OSError as error:  # a full disk, a read-only folder: nothing half-written is left (atomic writes)
+        if error.errno not in WRITE_ERRORS:
+            raise
+        sys.stderr.write(f"error: cannot write {error.filename or 'the output'}: {error.strerror}; nothing was replaced\n")
+        return 1
     return 0

@@ -1,27 +1,18 @@
-"""What keeps a training run's outputs trustworthy: nothing non-finite is written, an output folder holds one run,
-and a resume continues the run its checkpoint came from.
+"""What keeps a training run's outputs trustworthy: nothing non-finite is written, and a resume continues the run its
+checkpoint came from with the settings its state was built with (who owns the output folder: `run_folder.py`).
 
 Light on purpose (no torch import at module level): the training script runs these checks before its heavy imports.
 """
 
 from __future__ import annotations
 
+import errno
 import json
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-# What a training run writes into its --output_dir; `--overwrite_output_dir` removes exactly these, nothing else.
-RUN_OUTPUT_FILES = (
-    "reslora_adapter.safetensors",
-    "reslora_config.json",
-    "pytorch_lora_weights.safetensors",
-    "training_summary.json",
-    "metrics.jsonl",
-    "README.md",
-)
-RUN_OUTPUT_FOLDERS = ("kohya", "validation", "logs")
-CHECKPOINT_GLOB = "checkpoint-*"
+# OS errors that mean "this cannot be written here" (reported in one line) rather than a bug.
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EFBIG}
 
 
 class NonFiniteError(ValueError):
@@ -50,41 +41,6 @@ def optimizer_tensors(optimizer) -> dict[str, object]:
 def factor_tensors(factors: Mapping[str, object]) -> dict[str, object]:
     """The up / down tensors of merged `LoRAFactors` by name, for `require_finite`."""
     return {f"{name}.{side}": getattr(f, side) for name, f in factors.items() for side in ("down", "up")}
-
-
-# -- one run per output folder ----------------------------------------------------------------------------------
-def previous_run_outputs(output_dir: Path) -> list[str]:
-    """Names in `output_dir` that another training run wrote (checkpoints, the adapter, its exports)."""
-    if not output_dir.is_dir():
-        return []
-    found = sorted(p.name for p in output_dir.glob(CHECKPOINT_GLOB))
-    found += [name for name in ("reslora_adapter.safetensors", "pytorch_lora_weights.safetensors") if (output_dir / name).exists()]
-    return found
-
-
-def ownership_error(output_dir: Path, resuming: bool, overwrite: bool) -> str | None:
-    """Why a new run may not start in `output_dir` (None when it may). A resume continues the folder's own run."""
-    if resuming or overwrite:
-        return None
-    found = previous_run_outputs(output_dir)
-    if not found:
-        return None
-    shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
-    return (
-        f"{output_dir} holds another training run ({shown}); pass --resume_from_checkpoint latest to continue it, "
-        "--overwrite_output_dir to replace it, or another --output_dir"
-    )
-
-
-def clear_run_outputs(output_dir: Path) -> None:
-    """Removes a previous run's outputs (`--overwrite_output_dir`); files the script did not write stay."""
-    if not output_dir.is_dir():
-        return
-    for folder in [*output_dir.glob(CHECKPOINT_GLOB), *(output_dir / name for name in RUN_OUTPUT_FOLDERS)]:
-        if folder.is_dir():
-            shutil.rmtree(folder)
-    for name in RUN_OUTPUT_FILES:
-        (output_dir / name).unlink(missing_ok=True)
 
 
 # -- a resume continues the same run ----------------------------------------------------------------------------
@@ -119,6 +75,40 @@ def run_settings(args) -> dict[str, object]:
             settings[name] = getattr(args, name)
     if args.resolution is not None:  # None until the base VAE gives the default
         settings["resolution"] = args.resolution
+    # As parsed: the script later scales the learning rate (--scale_lr) and fills in the step count from epochs.
+    settings.update(getattr(args, "optimizer_settings", None) or optimizer_settings(args))
+    return settings
+
+
+# The schedule's length matters only to schedules that depend on it: a constant one may train on for longer.
+CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
+
+
+def optimizer_settings(args) -> dict[str, object]:
+    """What the checkpoint's optimizer and learning-rate scheduler state was built with (call it on the flags as parsed).
+
+    accelerate restores both from the checkpoint (the scheduler's base learning rate included), so a resume with
+    another value would keep the old one while the records said the new one: such a resume is refused instead.
+    """
+    settings = {
+        "learning_rate": args.learning_rate,
+        "scale_lr": args.scale_lr,
+        "lr_scheduler": args.lr_scheduler,
+        "lr_warmup_steps": args.lr_warmup_steps,
+        "lora_plus_ratio": args.lora_plus_ratio,
+        "use_8bit_adam": args.use_8bit_adam,
+        "adam_beta1": args.adam_beta1,
+        "adam_beta2": args.adam_beta2,
+        "adam_weight_decay": args.adam_weight_decay,
+        "adam_epsilon": args.adam_epsilon,
+    }
+    if args.scale_lr:  # the learning rate then depends on the batch layout
+        settings["train_batch_size"] = args.train_batch_size
+        settings["gradient_accumulation_steps"] = args.gradient_accumulation_steps
+    if args.lr_scheduler not in CONSTANT_SCHEDULES or args.shortcut_anneal_fraction > 0:
+        settings["max_train_steps"] = args.max_train_steps
+        if args.max_train_steps is None:
+            settings["num_train_epochs"] = args.num_train_epochs
     return settings
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,53 @@ class DatasetError(ValueError):
     """Training data that cannot be used, with a message that says what to fix."""
 
 
+# Part of every cache key of decoded pixels: raise it when `to_rgb` changes what an image decodes to.
+DECODE_VERSION = 2
+_TRANSPARENT_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_ROTATING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def to_rgb(image: Image.Image, name: str = "an image") -> Image.Image:
+    """8-bit RGB as an image viewer shows the file, whatever its mode (Pillow's own `convert("RGB")` does not):
+
+    - EXIF orientation applied (a phone photo stored sideways trains upright);
+    - 16-bit greyscale scaled to 8 bits (`convert` clips it: a 16-bit PNG came out pure white);
+    - transparency (an alpha channel, or a palette / tRNS transparent colour) composited over white, as the emoji
+      data are, instead of dropped (`convert` keeps whatever colour the transparent pixels happen to hold).
+    A mode with no defined range (32-bit float, 32-bit integer) is a DatasetError.
+    """
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.round(values / 257.0).astype(np.uint8), "L")  # 0..65535 -> 0..255
+    elif mode == "I":
+        values = np.asarray(image, dtype=np.float64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise DatasetError(f"{name}: a 32-bit integer image has no fixed range; save it as an 8- or 16-bit image")
+        image = Image.fromarray(np.round(values / 257.0).astype(np.uint8), "L")  # Pillow opens 16-bit PNGs as "I" too
+    elif mode == "F":
+        raise DatasetError(f"{name}: a 32-bit floating-point image has no fixed range; save it as an 8- or 16-bit image")
+    if image.mode in _TRANSPARENT_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    try:
+        return image.convert("RGB")
+    except (ValueError, OSError) as error:
+        raise DatasetError(f"{name}: cannot read its {image.mode} pixels as RGB ({error})") from None
+
+
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) after the EXIF orientation is applied, from the header alone."""
+    width, height = image.size
+    try:
+        orientation = image.getexif().get(0x0112)
+    except (OSError, ValueError, SyntaxError):
+        orientation = None
+    return (height, width) if orientation in _ROTATING_ORIENTATIONS else (width, height)
+
+
 @dataclass(frozen=True, eq=False)
 class Example:
     """One training image (a file, or an image already in memory), its captions (one is drawn per use) and how
@@ -63,19 +111,22 @@ class Example:
     def size(self) -> tuple[int, int]:
         """(width, height), read from the file's header."""
         if isinstance(self.image, Image.Image):
-            return self.image.size
+            return oriented_size(self.image)
         with Image.open(self.image) as image:
-            return image.size
+            return oriented_size(image)
 
     def open(self) -> Image.Image:
-        """The decoded image; a file that became unreadable since the data set was indexed is a DatasetError."""
+        """The decoded image as 8-bit RGB (`to_rgb`); a file that became unreadable since the data set was indexed
+        is a DatasetError."""
         if isinstance(self.image, Image.Image):
-            return self.image
+            return to_rgb(self.image, self.name)
         try:
             with Image.open(self.image) as image:
                 image.load()
-                return image
+                return to_rgb(image, self.name)
         except (OSError, UnidentifiedImageError, ValueError) as error:
+            if isinstance(error, DatasetError):
+                raise
             raise DatasetError(f"image {self.image} became unreadable during training: {error}") from None
 
 
@@ -87,11 +138,27 @@ def _captions(value, column: str, where: str) -> tuple[str, ...]:
     raise DatasetError(f"{where}: caption column {column!r} must hold a string or a non-empty list of strings, got {value!r}")
 
 
-def _read_metadata(path: Path) -> list[dict]:
+def read_text_file(path: Path, what: str = "") -> str:
+    """A caption or metadata file as text: UTF-8 (a byte-order mark is dropped, not kept as a character), or
+    UTF-16 / UTF-32 when a byte-order mark says so. Anything else is a DatasetError naming the file."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise DatasetError(f"cannot read {path}: {error}") from None
+        data = path.read_bytes()
+    except OSError as error:
+        raise DatasetError(f"cannot read {what}{path}: {error.strerror or error}") from None
+    for bom, codec in ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
+                       (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16")):
+        if data.startswith(bom):
+            break
+    else:
+        codec = "utf-8-sig"
+    try:
+        return data.decode(codec)
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"cannot read {what}{path}: it is not {codec.replace('-sig', '')} text ({error.reason} at byte {error.start})") from None
+
+
+def _read_metadata(path: Path) -> list[dict]:
+    text = read_text_file(path)
     if path.suffix == ".csv":
         return list(csv.DictReader(text.splitlines()))
     rows = []
@@ -108,6 +175,16 @@ def _read_metadata(path: Path) -> list[dict]:
     return rows
 
 
+def _inside(folder: Path, name: str, where: str) -> Path:
+    """`folder / name` for a relative `name` that stays inside `folder` (lexically: symlinks inside are fine)."""
+    path = Path(os.path.normpath(folder / name))
+    if Path(name).is_absolute() or not (path == folder or Path(os.path.normpath(folder)) in path.parents):
+        raise DatasetError(
+            f"{where}: file_name {name!r} lies outside the data folder {folder}; name files by their path inside it"
+        )
+    return path
+
+
 def _check_columns(columns: Sequence[str], image_column: str, caption_column: str, where: str) -> None:
     for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
         if column not in columns:
@@ -121,6 +198,7 @@ def decodes(image: Path | Image.Image) -> str | None:
     try:
         with Image.open(image) as opened:
             opened.load()
+            to_rgb(opened, str(image))
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         return str(error) or type(error).__name__
     return None
@@ -150,7 +228,7 @@ def load_imagefolder(directory: str | Path, image_column: str = IMAGE_COLUMN, ca
         where = f"{metadata}, entry {number}"
         if FILE_NAME_COLUMN not in row or caption_column not in row:
             raise DatasetError(f"{where} lacks the {FILE_NAME_COLUMN!r} or {caption_column!r} field")
-        path = metadata.parent / str(row[FILE_NAME_COLUMN])
+        path = _inside(metadata.parent, str(row[FILE_NAME_COLUMN]), where)
         problem = "file not found" if not path.is_file() else decodes(path)
         if problem is not None:
             skipped.append((path, problem))
@@ -227,7 +305,7 @@ class ImageTransform:
         return Augmentation(left, top, flip)
 
     def apply(self, image: Image.Image, target: Size, augmentation: Augmentation) -> torch.Tensor:
-        image = image.convert("RGB")
+        image = to_rgb(image) if image.mode != "RGB" else image
         size = self.resized_size(image.size, target)
         if size != image.size:
             image = image.resize(size, self.interpolation)

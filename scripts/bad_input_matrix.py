@@ -16,6 +16,7 @@ import importlib.util
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -65,8 +66,22 @@ def bad_data(tmp: Path, kind: str) -> Path:
     elif kind == "corrupt":
         (folder / "a.png").write_bytes(b"not a png")
         (folder / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a"}\n')
-    elif kind == "caption":
+    elif kind in ("caption", "copy"):
         (folder / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a"}\n')
+    elif kind == "outside":
+        (folder / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a"}\n{"file_name": "../a.png", "text": "b"}\n')
+    elif kind == "repeats":
+        (folder / "1000000000_dog").mkdir()
+        (folder / "a.png").rename(folder / "1000000000_dog" / "a.png")
+        (folder / "1000000000_dog" / "a.txt").write_text("dog")
+    return folder
+
+
+def user_folder(tmp: Path, name: str) -> Path:
+    """A folder of the user's that holds `name` (no training run wrote it)."""
+    folder = tmp / f"users-{name.split('/')[0]}"
+    (folder / name).parent.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text("the user's own file")
     return folder
 
 
@@ -74,6 +89,9 @@ def training_cases(tmp: Path, used: Path) -> dict[str, list[str]]:
     pickled = tmp / "model.ckpt"
     pickled.write_bytes(b"\x80\x04pickle")
     new = ["--output_dir", str(tmp / "new")]
+    data_copy = bad_data(tmp, "copy")
+    a_file = tmp / "a-file"
+    a_file.write_text("a file, not a folder")
     return {
         "base model path that does not exist": ["--pretrained_model_name_or_path", str(tmp / "nowhere"), *new],
         "base folder that is not a pipeline": ["--pretrained_model_name_or_path", str(DATA), *new],
@@ -90,13 +108,26 @@ def training_cases(tmp: Path, used: Path) -> dict[str, list[str]]:
         "`--res_type bs --pre_num 0`": ["--res_type", "bs", "--pre_num", "0", *new],
         "`--learning_rate 1e39`": ["--learning_rate", "1e39", *new],
         "Delta-LoRA with a shortcut": ["--delta_lora_ratio", "0.5", *new],
-        "`--resolution 62` (not a multiple of the VAE factor)": ["--resolution", "62", *QUICK, *new],
+        "`--resolution 60` (not a multiple of 8)": ["--resolution", "60", *QUICK, *new],
+        "`--seed -1`": ["--seed", "-1", *new],
+        "`--adam_beta1 1.5`": ["--adam_beta1", "1.5", *new],
+        "`--max_grad_norm 0`": ["--max_grad_norm", "0", *new],
+        "metadata naming a file outside the data folder": ["--train_data_dir", str(bad_data(tmp, "outside")), *QUICK, *new],
+        "`N_name` folder repeating 10⁹ times": ["--train_data_dir", str(bad_data(tmp, "repeats")), *QUICK, *new],
+        "`--output_dir` holding the user's README.md": ["--output_dir", str(user_folder(tmp, "README.md")), *QUICK],
+        "`--overwrite_output_dir` over the user's own `logs/`": ["--output_dir", str(user_folder(tmp, "logs/mine.txt")),
+                                                                 "--overwrite_output_dir", *QUICK],
+        "`--output_dir` inside the training data": ["--train_data_dir", str(data_copy), "--output_dir", str(data_copy / "out"), *QUICK],
+        "`--output_dir` that is a file": ["--output_dir", str(a_file), *QUICK],
+        "`--data_cache_dir` that is a file": ["--cache_latents", "--data_cache_dir", str(a_file), *QUICK, *new],
         "`--threads 0`": ["--threads", "0", *new],
         "resume from a folder that is not a checkpoint": ["--resume_from_checkpoint", str(DATA), *new],
         "new run into another run's folder": ["--output_dir", str(used), *QUICK],
         "resume with another rank": ["--output_dir", str(used), "--resume_from_checkpoint", "latest", "--rank", "16", *QUICK],
         "resume with other data": ["--output_dir", str(used), "--resume_from_checkpoint", "latest", "--train_data_dir", str(bad_data(tmp, "other")), *QUICK],
         "resume with nothing left to train": ["--output_dir", str(used), "--resume_from_checkpoint", "latest", *QUICK],
+        "resume with another `--learning_rate`": ["--output_dir", str(used), "--resume_from_checkpoint", "latest",
+                                                  "--learning_rate", "1e-3", *QUICK],
         "weights that become NaN (`--learning_rate 1e6`)": ["--learning_rate", "1e6", "--lr_warmup_steps", "0", *QUICK[2:],
                                                             "--max_train_steps", "4", "--output_dir", str(tmp / "nan")],
     }
@@ -117,7 +148,16 @@ def merge_cases(tmp: Path, adapter: Path) -> dict[str, list[str]]:
     existing.write_bytes(b"keep")
     common = ["--base", str(MODEL), "--format", "kohya", "--skip_images", "--num_inference_steps", "2"]
     out = ["--output", str(tmp / "merged.safetensors")]
+    base_copy = tmp / "base-copy"  # the refusal must not be tried on the embedded model itself
+    shutil.copytree(MODEL, base_copy)
     return {
+        "`--format diffusers-lora --output` the adapter's own folder": [
+            *common, "--adapter", str(adapter), "--format", "diffusers-lora", "--output", str(adapter), "--overwrite"],
+        "`--output` the native adapter file": [*common, "--adapter", str(adapter), "--output", str(adapter / "reslora_adapter.safetensors"),
+                                              "--overwrite"],
+        "`--format diffusers --output` the base folder": [
+            *common, "--base", str(base_copy), "--adapter", str(adapter), "--format", "diffusers", "--output", str(base_copy), "--overwrite"],
+        "`--report` naming a folder": [*common, "--adapter", str(adapter), *out, "--report", str(tmp)],
         "adapter folder that does not exist": [*common, "--adapter", str(tmp / "none"), *out],
         "pickle renamed to `.safetensors`": [*common, "--adapter", str(pickled), *out],
         "config edited to another `res_type`": [*common, "--adapter", str(edited), *out],
@@ -159,6 +199,10 @@ def main() -> int:
         for case, argv in training_cases(tmp, used).items():
             rows.append(("train_text_to_image.py", case, *answer(script.main, argv, tmp)))
             print(f"[{time.perf_counter() - start:6.1f} s] train: {case}", file=sys.stderr)
+        # Last, as it damages the reference run's checkpoint (the merge cases read only its adapter).
+        (used / "checkpoint-1" / "optimizer.bin").unlink()
+        argv = ["--output_dir", str(used), "--resume_from_checkpoint", "latest", *QUICK]
+        rows.append(("train_text_to_image.py", "resume with `optimizer.bin` missing", *answer(script.main, argv, tmp)))
         for case, argv in merge_cases(tmp, used).items():
             argv, marker = argv if isinstance(argv, tuple) else (argv, "")
             rows.append(("reslora_diffusers.merge", case, *answer(merge_main, argv, tmp, marker)))

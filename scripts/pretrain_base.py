@@ -103,7 +103,24 @@ def parse_args(argv=None):
     p.add_argument("--vocab_size", type=int, default=2048, help="tokenizer vocabulary size incl. 512 byte tokens")
     p.add_argument("--max_length", type=int, default=20, help="tokenizer model_max_length / text positions")
     p.add_argument("--unet_channels", default="32,64,128", help="UNet block_out_channels")
-    p.add_argument("--vae_channels", default="16,32,64", help="VAE block_out_channels (3 levels: 64 -> 16 px)")
+    p.add_argument("--vae_channels", default="16,32,64,128",
+                   help="VAE block_out_channels: 4 levels downsample 64 px by 8 to 8x8 latents (as SD's VAE), 3 levels by 4")
+    p.add_argument("--latent_channels", type=int, default=4, help="VAE latent channels (4: SD-1's layout)")
+    p.add_argument("--vae_layers", type=int, default=1, help="VAE layers_per_block (the decoder gets one more)")
+    p.add_argument("--vae_edge_weight", type=float, default=0.0,
+                   help="weight of an L1 loss on the images' horizontal/vertical differences (sharper edges; 0: off)")
+    p.add_argument("--vae_only", action="store_true", help="stop after the VAE phase and save only the VAE (ablations)")
+    p.add_argument("--vae_from", default=None,
+                   help="start from the VAE of this pipeline (or vae/) folder (--vae_minutes 0: use it as it is); tokenizer, text encoder and UNet are new")
+    p.add_argument("--attention_levels", default="1,1,0",
+                   help="per UNet level, 1 = CrossAttn blocks, 0 = plain ResNet blocks (the SD layout has attention on all but the last)")
+    p.add_argument("--heads", type=int, default=4, help="attention heads per UNet transformer (diffusers' attention_head_dim)")
+    p.add_argument("--unet_layers", type=int, default=1, help="UNet layers_per_block")
+    p.add_argument("--channels_last", action="store_true", help="UNet in channels_last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays back only on long runs)")
+    p.add_argument("--eval_minutes", type=float, default=0.0,
+                   help="every this many minutes, the EMA model's retrieval (the tested measure) is logged to --log_jsonl (0: off)")
+    p.add_argument("--log_jsonl", default=None, help="JSON-lines log of the evaluations (VAE PSNR, retrieval) with CPU-minutes")
     p.add_argument("--text_hidden", type=int, default=128, help="text encoder width = UNet cross_attention_dim")
     p.add_argument("--text_layers", type=int, default=3, help="text encoder layers")
     p.add_argument("--init_from", default=None,
@@ -118,15 +135,54 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.unet_channels = tuple(int(c) for c in args.unet_channels.split(","))
     args.vae_channels = tuple(int(c) for c in args.vae_channels.split(","))
-    if len(args.unet_channels) != 3 or len(args.vae_channels) != 3:
-        p.error("--unet_channels and --vae_channels need three comma-separated widths")
+    args.attention_levels = tuple(int(c) for c in args.attention_levels.split(","))
+    if len(args.unet_channels) != len(args.attention_levels) or not 2 <= len(args.unet_channels) <= 4:
+        p.error("--unet_channels and --attention_levels need the same number (2-4) of comma-separated values")
+    if len(args.vae_channels) not in (3, 4):
+        p.error("--vae_channels needs three (factor 4) or four (factor 8) comma-separated widths")
     if not 0 <= args.vae_minutes < args.max_minutes:
         p.error("--vae_minutes must be at least 0 and below --max_minutes")
-    if args.vae_minutes == 0 and args.init_from is None:
-        p.error("--vae_minutes 0 (no VAE training) needs --init_from with a trained VAE")
-    if args.vae_train == "decoder" and args.init_from is None:
-        p.error("--vae_train decoder needs --init_from (the frozen encoder comes from there)")
+    if args.vae_minutes == 0 and args.init_from is None and args.vae_from is None:
+        p.error("--vae_minutes 0 (no VAE training) needs --init_from or --vae_from with a trained VAE")
+    if args.vae_from and args.init_from:
+        p.error("--vae_from and --init_from exclude each other (--init_from already brings a VAE)")
+    if args.resume and not (args.init_from or args.vae_from):
+        p.error("--resume needs --init_from or --vae_from (the checkpoint holds the UNet phase, not the VAE)")
+    if args.vae_train == "decoder" and args.init_from is None and args.vae_from is None:
+        p.error("--vae_train decoder needs --init_from or --vae_from (the frozen encoder comes from there)")
     return args
+
+
+class EvalLog:
+    """JSON lines of the measurements taken while training (for the ablation table): what, when, how far."""
+
+    def __init__(self, path, every_minutes: float):
+        self.path = Path(path) if path else None
+        self.every = every_minutes * 60
+        self.started, self.cpu_started = time.time(), time.process_time()
+        self.last = time.time()
+
+    def due(self) -> bool:
+        if self.every <= 0 or time.time() - self.last < self.every:
+            return False
+        self.last = time.time()
+        return True
+
+    def write(self, **fields) -> None:
+        fields = {"wall_minutes": round((time.time() - self.started) / 60, 2),
+                  "cpu_minutes": round((time.process_time() - self.cpu_started) / 60, 2), **fields}
+        print("eval:", json.dumps(fields), flush=True)
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(fields) + "\n")
+
+
+def edge_l1(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """L1 between the horizontal and vertical pixel differences: a cheap push towards sharp outlines."""
+    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
+    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
+    return F.l1_loss(dx(recon), dx(x)) + F.l1_loss(dy(recon), dy(x))
 
 
 class TimeBox:
@@ -207,25 +263,26 @@ def to_model_range(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.float() / 127.5 - 1.0
 
 
-def make_vae(channels):
+def make_vae(channels, latent_channels=4, layers=1):
     from diffusers import AutoencoderKL
 
+    levels = len(channels)  # each level after the first halves the resolution: 4 levels = SD's factor 8
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        in_channels=3, out_channels=3, latent_channels=latent_channels, sample_size=64, layers_per_block=layers,
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
         block_out_channels=channels, norm_num_groups=8,
     )
 
 
-def make_unet(channels, cross_dim):
+def make_unet(channels, cross_dim, latent_size, latent_channels=4, attention_levels=(1, 1, 0), heads=4, layers=1):
     from diffusers import UNet2DConditionModel
 
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention_levels)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels))
     return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        mid_block_type="UNetMidBlock2DCrossAttn",
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=channels, cross_attention_dim=cross_dim, attention_head_dim=4, norm_num_groups=16,
+        sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels, layers_per_block=layers,
+        down_block_types=down, mid_block_type="UNetMidBlock2DCrossAttn", up_block_types=up,
+        block_out_channels=channels, cross_attention_dim=cross_dim, attention_head_dim=heads, norm_num_groups=16,
     )
 
 
@@ -240,7 +297,7 @@ def make_text_encoder(tokenizer, hidden: int, layers: int, max_length: int):
     return CLIPTextModel(config)
 
 
-def train_vae(vae, images_u8, args, device, seconds):
+def train_vae(vae, images_u8, args, device, seconds, log=None, heldout_u8=None):
     """Reconstruction (L1 + MSE) with a tiny KL term; returns the trained VAE in eval mode.
 
     With ``--vae_train decoder`` the encoder stays frozen: the latents do not move, so a UNet already
@@ -265,6 +322,8 @@ def train_vae(vae, images_u8, args, device, seconds):
             z = posterior.sample()
         recon = vae.decode(z).sample
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        if args.vae_edge_weight > 0:
+            loss = loss + args.vae_edge_weight * edge_l1(recon, x)
         for g in opt.param_groups:
             g["lr"] = args.vae_lr * box.lr_factor(step, args.warmup_steps)
         opt.zero_grad(set_to_none=True)
@@ -276,6 +335,9 @@ def train_vae(vae, images_u8, args, device, seconds):
         bar.update(1)
         bar.total = box.total
         bar.set_postfix(loss=f"{loss.item():.4f}")
+        if log is not None and heldout_u8 is not None and log.due():
+            log.write(phase="vae", step=step, heldout_psnr_db=round(reconstruction_psnr(vae.eval(), heldout_u8, device), 2))
+            vae.train()
     bar.close()
     print(f"vae: {step} steps", flush=True)
     return vae.eval().requires_grad_(False)
@@ -333,8 +395,13 @@ def load_checkpoint(directory: Path, params, ema, opt, gen: torch.Generator) -> 
     return step, tensors["epoch_order"]
 
 
-def train_unet(unet, text_encoder, ids, empty_ids, mean, std, scaling, scheduler, args, device, seconds):
-    """Joint UNet + text encoder training; returns the number of steps done (this run and resumed ones)."""
+def train_unet(unet, text_encoder, ids, empty_ids, mean, std, scaling, scheduler, args, device, seconds,
+               log=None, evaluate=None):
+    """Joint UNet + text encoder training; returns the number of steps done (this run and resumed ones).
+
+    ``evaluate()`` (the retrieval measure) runs on the EMA weights whenever ``log`` says it is due; the
+    training weights and the training generator are left exactly as they were.
+    """
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     ema = [p.detach().clone() for p in params] if args.ema_decay > 0 else None
@@ -390,6 +457,11 @@ def train_unet(unet, text_encoder, ids, empty_ids, mean, std, scaling, scheduler
         if time.time() - last_save > args.checkpoint_minutes * 60:
             save_checkpoint(checkpoint_dir, params, ema, opt, step, gen, order)
             last_save = time.time()
+        if log is not None and evaluate is not None and log.due():
+            with ema_weights(params, ema):
+                log.write(phase="unet", step=step, samples=step * args.batch_size, loss=round(loss.item(), 4), **evaluate())
+            unet.train()
+            text_encoder.train()
     bar.close()
     save_checkpoint(checkpoint_dir, params, ema, opt, step, gen, order)
     if ema is not None:
@@ -399,22 +471,62 @@ def train_unet(unet, text_encoder, ids, empty_ids, mean, std, scaling, scheduler
     return step
 
 
-def save_pipeline(out_dir: Path, vae, text_encoder, tokenizer, unet, tok_dir: Path, info: dict) -> None:
-    """Save a StableDiffusionPipeline folder through a temporary sibling folder, then swap it in.
+class ema_weights:
+    """Context manager: the EMA weights in the model for a while, the training weights back afterwards."""
 
-    ``save_pretrained`` of a tokenizers-backed CLIPTokenizer writes only ``tokenizer.json``; the CLIP
-    ``vocab.json`` / ``merges.txt`` from ``tok_dir`` are copied beside it for other CLIP loaders.
-    """
+    def __init__(self, params, ema):
+        self.params, self.ema = params, ema
+
+    def __enter__(self):
+        if self.ema is not None:
+            self.saved = [p.detach().clone() for p in self.params]
+            with torch.no_grad():
+                for p, e in zip(self.params, self.ema):
+                    p.copy_(e)
+
+    def __exit__(self, *exc):
+        if self.ema is not None:
+            with torch.no_grad():
+                for p, s in zip(self.params, self.saved):
+                    p.copy_(s)
+
+
+def make_pipeline(vae, text_encoder, tokenizer, unet):
+    """The in-memory StableDiffusionPipeline the base is saved as (DPM-Solver++, v-prediction)."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     scheduler = DPMSolverMultistepScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         prediction_type="v_prediction", algorithm_type="dpmsolver++", solver_order=2,
     )
-    pipe = StableDiffusionPipeline(
+    return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+
+
+@torch.no_grad()
+def retrieval_of(pipe) -> dict:
+    """The tested measure (tests/test_embedded_default.py): 48 train prompts, 8 steps, guidance 3, seed 0."""
+    from reslora_diffusers.emoji_eval import load_reference, retrieval_ranks, summarize_ranks
+
+    pipe.unet.eval()
+    pipe.text_encoder.eval()
+    pipe.set_progress_bar_config(disable=True)
+    reference = load_reference()
+    prompts = reference.prompts("train", 48)
+    images = pipe(prompts, num_inference_steps=8, guidance_scale=3.0, height=64, width=64,
+                  generator=torch.Generator().manual_seed(0)).images
+    return summarize_ranks(retrieval_ranks(images, prompts, reference))
+
+
+def save_pipeline(out_dir: Path, vae, text_encoder, tokenizer, unet, tok_dir: Path, info: dict) -> None:
+    """Save a StableDiffusionPipeline folder through a temporary sibling folder, then swap it in.
+
+    ``save_pretrained`` of a tokenizers-backed CLIPTokenizer writes only ``tokenizer.json``; the CLIP
+    ``vocab.json`` / ``merges.txt`` from ``tok_dir`` are copied beside it for other CLIP loaders.
+    """
+    pipe = make_pipeline(vae, text_encoder, tokenizer, unet)
 
     def write(folder: Path) -> None:
         pipe.save_pretrained(folder, safe_serialization=True)
@@ -489,7 +601,14 @@ def main(argv=None):
         vae, text_encoder, unet = vae.to(device), text_encoder.to(device), unet.to(device)
     else:
         tokenizer = train_tokenizer(captions, tok_dir, args.vocab_size, args.max_length)
-        vae = make_vae(args.vae_channels).to(device)
+        if args.vae_from:
+            from diffusers import AutoencoderKL
+
+            vae_dir = Path(args.vae_from) / "vae" if (Path(args.vae_from) / "vae").is_dir() else Path(args.vae_from)
+            vae = AutoencoderKL.from_pretrained(vae_dir).to(device)
+        else:
+            vae = make_vae(args.vae_channels, args.latent_channels, args.vae_layers).to(device)
+    log = EvalLog(args.log_jsonl, args.eval_minutes)
     max_length = tokenizer.model_max_length
     enc = tokenizer(captions, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     ids = enc.input_ids.to(device)
@@ -502,27 +621,42 @@ def main(argv=None):
     psnr_before = reconstruction_psnr(vae.eval(), heldout_u8, device) if args.init_from else None
     vae_seconds = 0.0 if args.resume else args.vae_minutes * 60 - (time.time() - started)
     if vae_seconds > 0:
-        vae = train_vae(vae, images_u8, args, device, vae_seconds)
+        vae = train_vae(vae, images_u8, args, device, vae_seconds, log, heldout_u8)
     vae = vae.eval().requires_grad_(False)
     psnr_after = reconstruction_psnr(vae, heldout_u8, device)
     print(f"vae: held-out reconstruction PSNR {psnr_after:.2f} dB (before: {psnr_before})", flush=True)
     mean, std = encode_all(vae, images_u8, device)
-    if args.init_from:  # the UNet was trained on latents with this scaling: keep it
+    if args.init_from or args.vae_train == "decoder" or (args.vae_from and vae_seconds <= 0):  # latents unchanged: keep the scaling
         scaling = float(vae.config.scaling_factor)
     else:
         scaling = float(1.0 / mean.std())
         vae.register_to_config(scaling_factor=scaling)
     vae_minutes = (time.time() - started) / 60
     print(f"vae done after {vae_minutes:.1f} min; latent scaling_factor {scaling:.4f}", flush=True)
+    log.write(phase="vae", heldout_psnr_db=round(psnr_after, 2), final=True)
+    if args.vae_only:
+        vae.save_pretrained(Path(args.output_dir) / "vae", safe_serialization=True)
+        print(f"saved the VAE to {args.output_dir}/vae", flush=True)
+        return
 
     # phase 2: text encoder + UNet, jointly; keep ~1.5 min for saving and the sample grid
     if not args.init_from:
         text_encoder = make_text_encoder(tokenizer, args.text_hidden, args.text_layers, max_length).to(device)
-        unet = make_unet(args.unet_channels, args.text_hidden).to(device)
+        latent_size = 64 // 2 ** (len(vae.config.block_out_channels) - 1)
+        unet = make_unet(args.unet_channels, args.text_hidden, latent_size, vae.config.latent_channels,
+                         args.attention_levels, args.heads, args.unet_layers).to(device)
+    if args.channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+    trained_unet = torch.compile(unet) if args.compile else unet
+
+    def evaluate() -> dict:
+        return retrieval_of(make_pipeline(vae, text_encoder, tokenizer, unet))
+
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", prediction_type="v_prediction")
     seconds = args.max_minutes * 60 - (time.time() - started) - 90
-    unet_steps = train_unet(unet, text_encoder, ids, empty_ids, mean, std, scaling, scheduler, args, device, seconds)
+    unet_steps = train_unet(trained_unet, text_encoder, ids, empty_ids, mean, std, scaling, scheduler, args, device,
+                            seconds, log, evaluate)
 
     info = {
         "command": "python scripts/pretrain_base.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -539,6 +673,7 @@ def main(argv=None):
     save_pipeline(out_dir, vae.cpu(), text_encoder.eval().cpu(), tokenizer, unet.eval().cpu(), tok_dir, info)
     shutil.rmtree(tok_dir, ignore_errors=True)
     print(f"saved {out_dir} after {info['total_minutes']:.1f} min: {json.dumps(info['parameters'])}", flush=True)
+    log.write(phase="final", step=unet_steps, **retrieval_of(make_pipeline(vae, text_encoder, tokenizer, unet)))
     sample_grid(out_dir, [p for p in SAMPLE_PROMPTS if p in set(captions)], Path(args.sample_grid), "cpu", args.seed)
     print(f"sample grid -> {args.sample_grid}", flush=True)
 

@@ -269,7 +269,7 @@ def test_data_parallel_buckets_with_a_disk_cache(tiny, tmp_path):
 def _bad(tiny, tmp_path: Path, kind: str) -> list[str]:
     data = write_kohya_folder(tmp_path / "data")
     if kind == "unreadable caption":
-        (data / "3_cat" / "a.txt").write_bytes(b"\xff\xfe\x00bad")
+        (data / "3_cat" / "a.txt").write_bytes(b"\xc3\x28bad")  # not UTF-8 (and no byte-order mark)
         return ["--train_data_dir", str(data)]
     if kind == "no caption":
         (data / "f.txt").unlink()

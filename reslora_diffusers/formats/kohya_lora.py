@@ -44,6 +44,25 @@ def kohya_model_configs(model) -> dict:
     return configs
 
 
+OPEN_CLIP_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def _complete_open_clip_attention(canonical: dict) -> dict:
+    """SDXL's second (OpenCLIP) text encoder: AUTOMATIC1111 applies an attention layer's LoRA only when all four of
+    q / k / v / out are in the file (it fuses them into OpenCLIP's in_proj), and silently skips the layer otherwise.
+    The missing projections are added as zero LoRAs of the same shape, which change nothing and make it apply."""
+    completed = dict(canonical)
+    for (component, path), f in canonical.items():
+        if component != "text_encoder_2" or not path.endswith(OPEN_CLIP_ATTENTION):
+            continue
+        layer = path.rsplit(".", 1)[0]
+        for projection in OPEN_CLIP_ATTENTION:
+            key = (component, f"{layer}.{projection}")
+            if key not in completed:
+                completed[key] = LoRAFactors(down=torch.zeros_like(f.down), up=torch.zeros_like(f.up), alpha=f.alpha)
+    return completed
+
+
 def save_kohya_lora(
     factors: Mapping[str, LoRAFactors],
     path,
@@ -71,6 +90,8 @@ def save_kohya_lora(
     if (base_model_version == "sdxl_base_v1-0") != is_sdxl_unet(unet_config):
         raise ValueError(f"base_model_version {base_model_version!r} needs the UNet config of that model for its names")
     canonical = canonical_factors(factors)
+    if base_model_version == "sdxl_base_v1-0":
+        canonical = _complete_open_clip_attention(canonical)
     alpha = Counter(float(f.alpha) for f in canonical.values()).most_common(1)[0][0]
     tensors: dict[str, torch.Tensor] = {}
     for (component, module_path), f in sorted(canonical.items()):
