@@ -480,7 +480,6 @@ import torch.nn.functional as F  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.logging import get_logger  # noqa: E402
 from accelerate.utils import ProjectConfiguration, set_seed  # noqa: E402
-from PIL import Image  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import diffusers  # noqa: E402
@@ -492,6 +491,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from reslora_diffusers import apply_reslora, save_adapter  # noqa: E402
 from reslora_diffusers.formats import kohya_model_configs, save_diffusers_lora, save_kohya_lora  # noqa: E402
+from reslora_diffusers.image_grid import labelled_grid  # noqa: E402
 from reslora_diffusers.atomic import atomic_write, atomic_write_text, swap_in_folder  # noqa: E402
 from reslora_diffusers.io import WEIGHTS_NAME, read_adapter  # noqa: E402
 from reslora_diffusers.lora_plus import lora_plus_param_groups  # noqa: E402
@@ -638,15 +638,6 @@ class MetricsFile:
         self.file.close()
 
 
-def image_grid(rows: list[list[Image.Image]]) -> Image.Image:
-    width, height = rows[0][0].size
-    grid = Image.new("RGB", (width * len(rows[0]), height * len(rows)), "white")
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            grid.paste(image, (c * width, r * height))
-    return grid
-
-
 def validation_pipeline(accelerator, args, unet, text_encoder, vae, tokenizer, noise_scheduler, sdxl=None):
     """The base pipeline running through the live adapter (no copy), with a fast DPM-Solver sampler."""
     # Imported here, once transformers' logging is quiet: the pipeline module pulls in image processors that
@@ -706,7 +697,8 @@ def log_validation(pipeline, accelerator, args, step: int) -> Path:
             )
     unet.train(was_training[0])
     text_encoder.train(was_training[1])
-    grid = image_grid(rows)
+    # A row per prompt, labelled with it; a column per seed (the same seeds at every validation).
+    grid = labelled_grid(rows, list(args.validation_prompt), [f"seed {args.seed + i}" for i in range(args.num_validation_images)])
     path = Path(args.output_dir) / "validation" / f"step-{step:06d}.png"
     atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
     for tracker in accelerator.trackers:

@@ -1,33 +1,41 @@
 """Pretrain the embedded default base model: a tiny Stable-Diffusion-shaped pipeline drawn on Noto emoji.
 
-The exact command that made ``assets/tiny-emoji-sd`` (2 CPU cores, about 50 minutes):
+The base has SD's own VAE factor: 64 px images become 8×8×4 latents (four VAE levels), which makes each UNet step
+several times cheaper than 16×16 latents and lets a base that draws be trained on one CPU core. The commands that
+made ``assets/tiny-emoji-sd`` (one core each, ``chrt -f 1`` so other work cannot slow it; the ablation table and
+the measured curve are in BENCHMARKS.md, "The embedded base"):
 
     python scripts/build_emoji_dataset.py
-    nohup python scripts/pretrain_base.py --device cpu --seed 0 --max_minutes 45 --vae_minutes 8 \\
-        --num_threads 1 --vae_batch_size 16 --batch_size 32 \\
-        --output_dir assets/tiny-emoji-sd > data/pretrain.log 2>&1 &
+    # 1. the VAE alone (14 minutes, then continued for 26: the log has its held-out PSNR every few minutes)
+    nohup chrt -f 1 python scripts/pretrain_base.py --vae_only --vae_minutes 14 --max_minutes 15 --num_threads 1 \
+        --eval_minutes 3 --log_jsonl data/abl/vae_A.jsonl --output_dir data/abl/vae_A > data/abl/vae_A.log 2>&1 &
+    nohup chrt -f 1 python scripts/pretrain_base.py --vae_only --vae_from data/abl/vae_A --vae_minutes 26 --max_minutes 27 \
+        --num_threads 1 --eval_minutes 5 --log_jsonl data/abl/vae_A2.jsonl --output_dir data/abl/vae_A2 > data/abl/vae_A2.log 2>&1 &
+    # 2. text encoder + UNet on its frozen latents, retrieval logged every 10 minutes, a checkpoint every 10
+    nohup chrt -f 1 python scripts/pretrain_base.py --vae_from data/abl/vae_A2 --vae_minutes 0 --max_minutes 95 \
+        --num_threads 1 --eval_minutes 10 --checkpoint_minutes 10 --unet_channels 64,128,256 --attention_levels 1,1,0 \
+        --log_jsonl data/long/base.jsonl --output_dir data/long/tiny-emoji-sd --checkpoint_dir data/long/checkpoint \
+        --sample_grid data/long/samples.png > data/long/base.log 2>&1 &
+    python scripts/pretrain_base.py ... --resume      # after a crash: the UNet phase goes on from the checkpoint
 
-Continuing a base (the same architecture and tokenizer; the VAE encoder frozen so the latents stay valid,
-its decoder fine-tuned), with a checkpoint every 10 minutes in ``data/pretrain_checkpoint``:
+Continuing a base on a later machine (the same architecture and tokenizer; ``--vae_train decoder`` freezes the
+VAE encoder so the latents, and the UNet trained on them, stay valid while the decoder sharpens):
 
-    nohup chrt -f 1 python scripts/pretrain_base.py --init_from assets/tiny-emoji-sd --vae_train decoder \\
-        --vae_minutes 15 --max_minutes 90 --num_threads 1 --output_dir data/tiny-emoji-sd-v2 > data/pretrain_v2.log 2>&1 &
-    python scripts/pretrain_base.py ... --resume        # after a crash: the UNet phase goes on from the checkpoint
+    nohup chrt -f 1 python scripts/pretrain_base.py --init_from assets/tiny-emoji-sd --vae_train decoder \
+        --vae_minutes 15 --max_minutes 90 --num_threads 1 --eval_minutes 10 --output_dir data/tiny-emoji-sd-next &
 
 (``chrt -f 1`` gives the run one core to itself on a machine where other work runs: under Linux's autogroup
-scheduling ``nice`` does not, and a step was 3-5x slower.) Measured on 2 AMD EPYC cores (1 thread) on
-2026-12-02: the decoder went from 22.36 to 24.91 dB held-out PSNR in 923 steps (15 min), and 2,881 more
-UNet steps (73 min) moved the nearest-Noto retrieval from top-1 1/48, top-5 4/48, median rank 246 to 3/48,
-8/48, 132 - recognisable shapes for some prompts, still far from the quality test's goal (top-1 12/48).
-``scripts/evaluate_embedded_default.py --base <folder>`` measures a candidate and draws its pictures.
-Every run writes the command, the machine, the wall time and what it continued from into
-``training_info.json``.
+scheduling ``nice`` does not.) ``--eval_minutes`` logs the tested retrieval measure of the EMA weights (48 train
+prompts, 8 steps, guidance 3, seed 0) with the CPU-minutes spent, so candidates are compared per CPU-minute;
+``scripts/evaluate_embedded_default.py --base <folder>`` measures a finished candidate and draws its pictures, and
+``benchmarks/pretrain_throughput.py`` times the step itself (eager / channels_last / torch.compile). Every run
+writes the command, the machine, the wall time and what it continued from into ``training_info.json``.
 
 Phases, each time-boxed (the step count is re-fitted to the time left while it runs):
 1. a byte-level BPE tokenizer in CLIP's conventions (``</w>`` suffix, ``<|startoftext|>`` /
    ``<|endoftext|>``, lower case) trained on the captions, saved as a ``CLIPTokenizer``;
-2. an ``AutoencoderKL`` (64 px -> 16x16x4 latents); then it is frozen and the latents of the whole Noto
-   set are computed once;
+2. an ``AutoencoderKL`` (64 px -> 8x8x4 latents with the default four levels); then it is frozen and the
+   latents of the whole Noto set are computed once;
 3. the ``CLIPTextModel`` and an SD-shaped ``UNet2DConditionModel`` trained jointly from scratch with
    v-prediction (as SD-2), min-SNR weighting, 10 % caption dropout for classifier-free guidance,
    a warm-up + cosine learning rate and an EMA of the weights.
@@ -634,8 +642,15 @@ def main(argv=None):
     vae_minutes = (time.time() - started) / 60
     print(f"vae done after {vae_minutes:.1f} min; latent scaling_factor {scaling:.4f}", flush=True)
     log.write(phase="vae", heldout_psnr_db=round(psnr_after, 2), final=True)
+    vae_lineage = None
+    if args.vae_from and (Path(args.vae_from) / "training_info.json").is_file():
+        vae_lineage = json.loads((Path(args.vae_from) / "training_info.json").read_text())
     if args.vae_only:
         vae.save_pretrained(Path(args.output_dir) / "vae", safe_serialization=True)
+        vae_info = {"command": "python scripts/pretrain_base.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                    "machine": machine_description(args), "minutes": round((time.time() - started) / 60, 2),
+                    "vae_heldout_psnr_db": round(psnr_after, 2), "continued_from": vae_lineage}
+        (Path(args.output_dir) / "training_info.json").write_text(json.dumps(vae_info, indent=2) + "\n")
         print(f"saved the VAE to {args.output_dir}/vae", flush=True)
         return
 
@@ -668,6 +683,8 @@ def main(argv=None):
         "parameters": {name: sum(p.numel() for p in m.parameters()) for name, m in
                        [("vae", vae), ("text_encoder", text_encoder), ("unet", unet)]},
         "continued_from": lineage,
+        "vae_from": vae_lineage,  # how the VAE given by --vae_from was made
+        "ablation": "BENCHMARKS.md, section 'The embedded base'",
     }
     out_dir = Path(args.output_dir)
     save_pipeline(out_dir, vae.cpu(), text_encoder.eval().cpu(), tokenizer, unet.eval().cpu(), tok_dir, info)

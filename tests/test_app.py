@@ -29,6 +29,7 @@ from reslora_diffusers.merge_cli import main as merge_cli
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "app"))
 import grid as grids  # noqa: E402
+from reslora_diffusers import image_grid  # noqa: E402
 import image_files  # noqa: E402
 import runs as run_folders  # noqa: E402
 
@@ -244,9 +245,9 @@ def test_grid_of_prompts_seeds_and_settings_with_its_table(client, setup):
     rows = table["data"]
     assert len(rows) == 8 and {row[3] for row in rows} == {3, 4} and {row[2] for row in rows} == {"fish", "red heart"}
     assert all(row[6] > 0.5 for row in rows), "every adapter cell differs from its base"
-    cell = grids.MIN_CELL  # 32 px images enlarged 4×
+    cell = image_grid.MIN_CELL  # 32 px images enlarged 4×
     with Image.open(path) as image:
-        assert image.size == (grids.LABEL_WIDTH + 2 * (cell + 4), image.size[1])
+        assert image.size == (image_grid.LABEL_WIDTH + 2 * (cell + 4), image.size[1])
         assert "Grid: 4 rows x 2 columns" in image.info["parameters"]
     # A merged column for each α estimator, the base model once, strengths × adapters.
     _, table, status = client.predict(*grid_args(setup, prompts="fish", seeds="3", adapters=["(base model)", str(setup["root"] / "reslora")],
@@ -461,15 +462,15 @@ def test_browser_grid_renders_with_labels(page):
     page.locator("#draw-grid").click()
     wait_status(page, "#grid-status", "Done: 4 × 2 images")
     pixels = image_pixels(page, "#grid-image")
-    cell, header = grids.MIN_CELL, grids.HEADER_LINES * (grids.FONT_SIZE + 2) + 8
-    assert pixels.shape[:2] == (header + 4 * (cell + 4), grids.LABEL_WIDTH + 2 * (cell + 4))
+    cell, header = image_grid.MIN_CELL, image_grid.HEADER_LINES * (image_grid.FONT_SIZE + 2) + 8
+    assert pixels.shape[:2] == (header + 4 * (cell + 4), image_grid.LABEL_WIDTH + 2 * (cell + 4))
     ink = pixels.sum(axis=2) < 300  # dark label text on white
     for column in range(2):  # each column has its header drawn above it
-        left = grids.LABEL_WIDTH + column * (cell + 4)
+        left = image_grid.LABEL_WIDTH + column * (cell + 4)
         assert ink[:header, left:left + cell].sum() > 50
     for row in range(4):  # and each row its label on the left
         top = header + row * (cell + 4)
-        assert ink[top:top + cell, :grids.LABEL_WIDTH].sum() > 50
+        assert ink[top:top + cell, :image_grid.LABEL_WIDTH].sum() > 50
     wait_status(page, "#grid-table", "red heart")  # the per-cell table (its 8 rows are checked through the API)
     wait_status(page, "#grid-table", "ResLoRA is")
     screenshot(page, "grid")

@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "app"))
 import adapters as adapter_sources  # noqa: E402
 import grid as grids  # noqa: E402
+from reslora_diffusers import image_grid  # noqa: E402
 import image_files  # noqa: E402
 import models as base_models  # noqa: E402
 import runs as run_folders  # noqa: E402
@@ -130,11 +131,11 @@ def test_grid_settings_skip_combinations_that_draw_the_same():
 
 def test_labelled_grid_layout_and_difference():
     red, blue = Image.new("RGB", (32, 32), (255, 0, 0)), Image.new("RGB", (32, 32), (0, 0, 255))
-    grid = grids.labelled_grid([[red, blue], [blue, red]], ["row 1", "row 2"], ["first\nsecond", "third"])
-    header = grids.HEADER_LINES * (grids.FONT_SIZE + 2) + 8
-    assert grid.size == (grids.LABEL_WIDTH + 2 * (128 + 4), header + 2 * (128 + 4))
-    assert grid.getpixel((grids.LABEL_WIDTH + 10, header + 10)) == (255, 0, 0)
-    assert grid.getpixel((grids.LABEL_WIDTH + 132 + 10, header + 10)) == (0, 0, 255)
+    grid = image_grid.labelled_grid([[red, blue], [blue, red]], ["row 1", "row 2"], ["first\nsecond", "third"])
+    header = image_grid.HEADER_LINES * (image_grid.FONT_SIZE + 2) + 8
+    assert grid.size == (image_grid.LABEL_WIDTH + 2 * (128 + 4), header + 2 * (128 + 4))
+    assert grid.getpixel((image_grid.LABEL_WIDTH + 10, header + 10)) == (255, 0, 0)
+    assert grid.getpixel((image_grid.LABEL_WIDTH + 132 + 10, header + 10)) == (0, 0, 255)
     image, mean = grids.difference_image(red, blue, 0.5)
     assert mean == pytest.approx(170.0) and image.getpixel((0, 0)) == (127, 0, 127)
 

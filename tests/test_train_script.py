@@ -162,7 +162,10 @@ def test_default_run_writes_every_output(tmp_path):
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     grids = sorted((out / "validation").glob("step-*.png"))
     assert [g.name for g in grids] == ["step-000000.png", "step-000003.png"]
-    assert Image.open(grids[-1]).size == (64, 64 * 4)  # one column, a row per default prompt
+    # One column, a row per default prompt, each row labelled with its prompt (cells enlarged to 128 px).
+    from reslora_diffusers.image_grid import FONT_SIZE, HEADER_LINES, LABEL_WIDTH
+
+    assert Image.open(grids[-1]).size == (LABEL_WIDTH + 132, HEADER_LINES * (FONT_SIZE + 2) + 8 + 4 * 132)
 
     card = (out / "README.md").read_text()
     for needle in ("tiny-emoji-sd", "ResLoRA", "load_lora_weights", "ComfyUI", "AUTOMATIC1111", kohya_file.name, "step-000003.png"):
