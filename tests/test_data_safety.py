@@ -511,3 +511,19 @@ def test_sdxl_kohya_export_completes_open_clip_attention_layers(tmp_path):
         if name.endswith(("k_proj", "out_proj")):
             assert not keys[f"{name}.lora_up.weight"].any()  # added as zero: the model is unchanged
     assert not [k for k in keys if k.startswith("lora_te1_") and ("k_proj" in k or "out_proj" in k)]
+
+
+def test_a_full_disk_during_a_merge_is_one_line(merge_inputs, tmp_path, capsys, monkeypatch):
+    """Before: a full disk while writing ended the merge in a traceback."""
+    import errno
+
+    import reslora_diffusers.merge_cli as merge_cli
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "k.safetensors"))
+
+    monkeypatch.setattr(merge_cli, "write_outputs", full)
+    code = merge(merge_inputs, ["kohya"], tmp_path / "k.safetensors", "--merge_method", "input")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "No space left on device" in err[0], err
+    assert not (tmp_path / "k.safetensors").exists()
