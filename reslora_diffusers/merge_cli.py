@@ -224,7 +224,7 @@ def write_outputs(pipe, adapter, factors, args, metadata: dict[str, str], progre
     """Writes every requested format from the same merged factors; returns where each went."""
     from .formats import kohya_model_configs, save_diffusers_lora, save_kohya_lora, save_single_file_checkpoint
 
-    written = {}
+    written, baked = {}, False
     for name in sorted(args.format, key=WRITE_ORDER.index):
         output = args.outputs[name]
         progress(f"writing {name} to {output}")
@@ -233,9 +233,9 @@ def write_outputs(pipe, adapter, factors, args, metadata: dict[str, str], progre
         elif name == "diffusers-lora":  # only its own file: the folder may hold a training run or other files
             written[name] = save_diffusers_lora(factors, output.parent, metadata)
         else:
-            if not getattr(adapter, "_merged_into_base", False):
+            if not baked:
                 merge_into_base(adapter, factors)
-                adapter._merged_into_base = True
+                baked = True
                 if args.half:
                     pipe.to(torch.float16)
             if name == "single-file":
@@ -280,8 +280,8 @@ def run(args: argparse.Namespace) -> dict:
     report["outputs"] = {name: str(path) for name, path in written.items()}
     report["format"] = args.format
     output = Path(args.output)
-    beside = output / f"{output.name}.merge_report.json" if len(args.format) > 1 else output.parent / f"{output.name}.merge_report.json"
-    report_path = Path(args.report) if args.report else beside
+    folder = output if len(args.format) > 1 else output.parent  # several formats: inside their folder
+    report_path = Path(args.report) if args.report else folder / f"{output.name}.merge_report.json"
     atomic_write_text(report_path, json.dumps(report, indent=2))
     print_report(report)
     if "export_rank" in report:

@@ -76,7 +76,7 @@ def run_settings(args) -> dict[str, object]:
     if args.resolution is not None:  # None until the base VAE gives the default
         settings["resolution"] = args.resolution
     # As parsed: the script later scales the learning rate (--scale_lr) and fills in the step count from epochs.
-    settings.update(getattr(args, "optimizer_settings", None) or optimizer_settings(args))
+    settings.update(args.optimizer_settings)
     return settings
 
 

@@ -65,14 +65,11 @@ def to_rgb(image: Image.Image, name: str = "an image") -> Image.Image:
     """
     image = ImageOps.exif_transpose(image)
     mode = image.mode
-    if mode in _SIXTEEN_BIT_MODES:
+    if mode in _SIXTEEN_BIT_MODES or mode == "I":  # Pillow opens 16-bit PNGs as "I;16" or as "I"
         values = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.round(values / 257.0).astype(np.uint8), "L")  # 0..65535 -> 0..255
-    elif mode == "I":
-        values = np.asarray(image, dtype=np.float64)
-        if values.size and (values.min() < 0 or values.max() > 65535):
+        if mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
             raise DatasetError(f"{name}: a 32-bit integer image has no fixed range; save it as an 8- or 16-bit image")
-        image = Image.fromarray(np.round(values / 257.0).astype(np.uint8), "L")  # Pillow opens 16-bit PNGs as "I" too
+        image = Image.fromarray(np.round(values / 257.0).astype(np.uint8), "L")  # 0..65535 -> 0..255
     elif mode == "F":
         raise DatasetError(f"{name}: a 32-bit floating-point image has no fixed range; save it as an 8- or 16-bit image")
     if image.mode in _TRANSPARENT_MODES or "transparency" in image.info:
@@ -124,9 +121,9 @@ class Example:
             with Image.open(self.image) as image:
                 image.load()
                 return to_rgb(image, self.name)
+        except DatasetError:
+            raise
         except (OSError, UnidentifiedImageError, ValueError) as error:
-            if isinstance(error, DatasetError):
-                raise
             raise DatasetError(f"image {self.image} became unreadable during training: {error}") from None
 
 
