@@ -29,6 +29,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from reslora_diffusers.cli import OneLineErrorParser, add_threads_argument, exit
 from reslora_diffusers.config import MERGE_METHODS, RES_TYPES, ResLoRAConfig
 from reslora_diffusers.config_file import parse_with_config
 from reslora_diffusers.data_options import add_data_arguments, check_data_arguments
+from reslora_diffusers.optimizers import OPTIMIZERS, optimizer_name, resolve_optimizer_defaults
 from reslora_diffusers.pipeline_io import hub_access_error
 from reslora_diffusers.run_folder import (
     RunLock,
@@ -55,6 +57,7 @@ DEFAULT_MODEL = ROOT / "assets" / "tiny-emoji-sd"
 DEFAULT_DATA = ROOT / "assets" / "twemoji-sample"
 DEFAULT_PROMPTS = ["fish", "french fries", "red apple", "grinning face"]
 CHECKPOINT_MARKER = "reslora_checkpoint.json"
+ADAMW_LEARNING_RATE = 5e-3  # LoRA on the embedded tiny base; SD-1.5 LoRAs usually train at 1e-4
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
 PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 FLOAT32_MAX = 3.4028234663852886e38  # the optimizer applies the learning rate as a float32
@@ -141,6 +144,24 @@ def parse_args(argv=None):
     )
     parser.add_argument("--validation_inference_steps", type=int, default=20, help="Denoising steps (DPM-Solver) of validation images.")
     parser.add_argument("--validation_guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale of validation images.")
+    # Validation loss (reslora_diffusers/validation_loss.py): held-out images, fixed noise, timesteps and captions
+    parser.add_argument(
+        "--validation_split", type=float, default=None,
+        help="Hold out this fraction of the training images (chosen by --seed alone) for the validation loss.",
+    )
+    parser.add_argument(
+        "--validation_data_dir", type=str, default=None,
+        help="A folder of held-out images for the validation loss, in any layout --train_data_dir reads.",
+    )
+    parser.add_argument(
+        "--validation_loss_steps", type=int, default=None,
+        help="Compute the validation loss (training-time and merged model) every X optimizer steps, before the first "
+        "and after the last (default: a tenth of the run). Needs --validation_split or --validation_data_dir.",
+    )
+    parser.add_argument(
+        "--validation_loss_timesteps", type=int, default=4,
+        help="Timesteps per held-out image, spread over the whole noise schedule.",
+    )
     # Output
     parser.add_argument(
         "--output_dir",
@@ -178,22 +199,29 @@ def parse_args(argv=None):
     parser.add_argument(
         "--gradient_checkpointing", action="store_true", help="Recompute activations in backward to save memory (slower)."
     )
-    parser.add_argument("--learning_rate", type=float, default=5e-3, help="Learning rate after the warm-up.")
+    parser.add_argument(
+        "--optimizer", type=optimizer_name, default="adamw", metavar="|".join(OPTIMIZERS),
+        help="adamw; adamw8bit (bitsandbytes); adafactor (transformers, fixed step); prodigy (prodigyopt: learning rate "
+        "1.0, it finds the step size); schedulefree_adamw (schedulefree: constant schedule, the warm-up inside the "
+        "optimizer, exports its averaged weights). kohya's names (AdamW8bit, Prodigy, AdamWScheduleFree) work too.",
+    )
+    parser.add_argument("--learning_rate", type=float, default=None,
+                        help="Learning rate after the warm-up (default 5e-3; 1.0 with --optimizer prodigy).")
     parser.add_argument(
         "--scale_lr", action="store_true", help="Multiply the learning rate by processes × accumulation steps × batch size."
     )
     parser.add_argument(
         "--lr_scheduler",
         type=str,
-        default="cosine",
+        default=None,
         choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
-        help="Learning-rate schedule.",
+        help="Learning-rate schedule (default cosine; constant with --optimizer schedulefree_adamw, which needs no schedule).",
     )
     parser.add_argument("--lr_warmup_steps", type=int, default=20, help="Warm-up steps of the learning-rate schedule.")
     parser.add_argument(
         "--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (arXiv 2303.09556); 5.0 is usual. Off by default."
     )
-    parser.add_argument("--use_8bit_adam", action="store_true", help="Use 8-bit AdamW from bitsandbytes.")
+    parser.add_argument("--use_8bit_adam", action="store_true", help="The same as --optimizer adamw8bit (diffusers' flag).")
     parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere or newer GPUs.")
     parser.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
     parser.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
@@ -297,6 +325,7 @@ def parse_args(argv=None):
             parser.error(f"--{name} must be > 0, got {value}")
     if args.rank <= 0:
         parser.error(f"--rank must be > 0, got {args.rank}")
+    resolve_optimizer_defaults(args, parser.error, default_learning_rate=ADAMW_LEARNING_RATE)
     if not 0 < args.learning_rate <= FLOAT32_MAX:
         parser.error(f"--learning_rate must be > 0 and fit a float32 (<= 3.4e38), got {args.learning_rate}")
     if not 0 <= args.seed <= MAX_SEED:
@@ -322,6 +351,15 @@ def parse_args(argv=None):
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         parser.error(f"--snr_gamma must be > 0, got {args.snr_gamma}")
     check_data_arguments(args, parser.error)
+    if args.validation_split is not None and args.validation_data_dir is not None:
+        parser.error("--validation_split holds out training images, --validation_data_dir brings its own: pass one of them")
+    if args.validation_split is not None and not 0 < args.validation_split < 1:
+        parser.error(f"--validation_split must be a fraction between 0 and 1, got {args.validation_split}")
+    if args.validation_loss_steps is not None and args.validation_split is None and args.validation_data_dir is None:
+        parser.error("--validation_loss_steps needs held-out images: pass --validation_split or --validation_data_dir")
+    for name in ("validation_loss_steps", "validation_loss_timesteps"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            parser.error(f"--{name} must be > 0, got {getattr(args, name)}")
     if args.overwrite_output_dir and args.resume_from_checkpoint:
         parser.error("--overwrite_output_dir starts a new run, --resume_from_checkpoint continues one: pass one of them")
     if args.lora_alpha is None:
@@ -384,7 +422,8 @@ def output_error(args, resume_from: Path | None) -> str | None:
     output_dir = Path(args.output_dir)
     data = args.dataset_name if args.dataset_name and Path(args.dataset_name).is_dir() else args.train_data_dir
     protected = {"the training data": data, "the base model": args.pretrained_model_name_or_path,
-                 "the base config": args.base_config, "the VAE": args.pretrained_vae_model_name_or_path}
+                 "the base config": args.base_config, "the VAE": args.pretrained_vae_model_name_or_path,
+                 "the validation data": args.validation_data_dir}
     error = nested_output_error(output_dir, protected, contains=False)
     if error:
         return error.replace(f"{output_dir} ", f"--output_dir {output_dir} ", 1)
@@ -476,17 +515,15 @@ if __name__ == "__main__":
 # -- the heavy imports ------------------------------------------------------------------------------------------
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.logging import get_logger  # noqa: E402
-from accelerate.utils import ProjectConfiguration, set_seed  # noqa: E402
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import diffusers  # noqa: E402
 import transformers  # noqa: E402
 from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel  # noqa: E402
 from diffusers.optimization import get_scheduler  # noqa: E402
-from diffusers.training_utils import compute_snr  # noqa: E402
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
 from reslora_diffusers import apply_reslora, save_adapter  # noqa: E402
@@ -495,8 +532,22 @@ from reslora_diffusers.image_grid import labelled_grid  # noqa: E402
 from reslora_diffusers.atomic import atomic_write, atomic_write_text, swap_in_folder  # noqa: E402
 from reslora_diffusers.io import WEIGHTS_NAME, read_adapter  # noqa: E402
 from reslora_diffusers.lora_plus import lora_plus_param_groups  # noqa: E402
+from reslora_diffusers.validation_loss import (  # noqa: E402
+    ValidationLoss,
+    diffusion_loss,
+    loss_target,
+    split_held_out,
+    trained_and_merged_losses,
+)
+from reslora_diffusers.optimizers import (  # noqa: E402
+    OptimizerUnavailable,
+    build_optimizer,
+    check_installed,
+    evaluation_weights,
+    use_evaluation_weights,
+)
 from reslora_diffusers.merge import merge_adapter  # noqa: E402
-from reslora_diffusers.sdxl import SDXLConditioning  # noqa: E402
+from reslora_diffusers.sdxl import SDXLConditioning, encode_prompt  # noqa: E402
 from reslora_diffusers.model_card import model_card  # noqa: E402
 from reslora_diffusers.run_safety import (  # noqa: E402
     NonFiniteError,
@@ -577,6 +628,20 @@ def load_examples(args):
     if args.max_train_samples is not None and args.max_train_samples < len(examples):
         examples = subset(examples, args.max_train_samples, args.seed)
     return examples
+
+
+def held_out_examples(args, examples):
+    """(training examples, held-out examples for the validation loss or None)."""
+    try:
+        if args.validation_data_dir is not None:
+            held_out = load_local_folder(args.validation_data_dir, args.image_column, args.caption_column,
+                                         args.caption_source, args.missing_caption)
+            return examples, held_out
+        if args.validation_split is not None:
+            return split_held_out(examples, args.validation_split, args.seed)
+    except (DatasetError, ValueError) as error:
+        exit_with_error(str(error))
+    return examples, None
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------
@@ -787,14 +852,13 @@ def train(argv=None):
     args = parse_args(argv)
     # Everything that can be checked without loading models is checked before anything is written.
     preflight(args)
-    examples = load_examples(args)
+    examples, held_out = held_out_examples(args, load_examples(args))
     output_dir = Path(args.output_dir)
     resume_from = find_resume_checkpoint(args) if args.resume_from_checkpoint else None
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            exit_with_error("--use_8bit_adam needs the bitsandbytes package (pip install bitsandbytes)")
+    try:
+        check_installed(args.optimizer)
+    except OptimizerUnavailable as error:
+        exit_with_error(str(error))
     if args.report_to in ("tensorboard", "all"):
         try:
             import tensorboard  # noqa: F401
@@ -875,13 +939,15 @@ def train(argv=None):
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
 
-    optimizer_class = bnb.optim.AdamW8bit if args.use_8bit_adam else torch.optim.AdamW
-    optimizer = optimizer_class(
+    # The optimizer (reslora_diffusers/optimizers.py); LoRA+ gives B its own learning rate in a second group.
+    optimizer = build_optimizer(
+        args.optimizer,
         lora_plus_param_groups(adapter, args.learning_rate, args.lora_plus_ratio),
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
+        warmup_steps=args.lr_warmup_steps,
     )
 
     # The data (caption files, buckets, caches: reslora_diffusers/data_pipeline.py); its order is fixed by
@@ -1010,6 +1076,66 @@ def train(argv=None):
     validate = args.num_validation_images > 0 and bool(args.validation_prompt)
     pipeline = validation_pipeline(accelerator, args, unet, text_encoder, vae, tokenizer, noise_scheduler, sdxl)
     grids = []
+
+    def calibration():  # the lstsq / calibrated merge: the unmerged model (in eval mode) on the validation prompts
+        for model in (pipeline.unet, pipeline.text_encoder):
+            model.eval()
+        pipeline(list(args.validation_prompt), num_inference_steps=8, height=args.resolution, width=args.resolution,
+                 generator=torch.Generator().manual_seed(args.seed), output_type="latent")
+
+    # The validation loss of the training-time and the merged model on held-out images, with fixed noise, timesteps
+    # and captions (reslora_diffusers/validation_loss.py); through the pipeline's unwrapped models, so no process
+    # waits on another inside a forward pass.
+    validation_set, validation_seconds = None, 0.0
+    if held_out is not None:
+        with torch.no_grad():
+            validation_set = ValidationLoss(
+                held_out, resolution=args.resolution, interpolation=args.image_interpolation_mode,
+                encode=lambda pixels: vae.encode(pixels.to(accelerator.device, dtype=vae_dtype)).latent_dist.mean * vae.config.scaling_factor,
+                noise_scheduler=noise_scheduler, seed=args.seed, timesteps_per_image=args.validation_loss_timesteps,
+                batch_size=args.train_batch_size, snr_gamma=args.snr_gamma,
+            )
+        loss_every = args.validation_loss_steps or max(1, args.max_train_steps // 10)
+        logger.info(f"  Validation loss = {validation_set.size} items ({len(held_out)} held-out images), every {loss_every} steps")
+
+    def predict_held_out(noisy_latents, timesteps, captions):
+        ids = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                        return_tensors="pt").input_ids.to(accelerator.device)
+        added = None
+        with accelerator.autocast():
+            if sdxl is None:
+                hidden = pipeline.text_encoder(ids, return_dict=False)[0]
+            else:
+                hidden, pooled = encode_prompt(pipeline.text_encoder, pipeline.text_encoder_2, ids, sdxl.tokenize(captions).to(accelerator.device))
+                sizes = [(args.resolution, args.resolution)] * len(captions)
+                added = sdxl.added_conditions(pooled, sizes, [(0, 0)] * len(captions), sizes)
+            return pipeline.unet(noisy_latents.to(weight_dtype), timesteps, hidden, added_cond_kwargs=added, return_dict=False)[0]
+
+    def merged_factors() -> dict:
+        """The export's merge, computed once (the main process's adapter, as exported) and shared with the others."""
+        factors = merge_adapter(adapter, method=args.merge_method, calibration=calibration).factors if accelerator.is_main_process else None
+        return broadcast_object_list([factors])[0] if accelerator.num_processes > 1 else factors
+
+    def validation_losses(step: int) -> dict:
+        nonlocal validation_seconds
+        started = time.perf_counter()
+        models = [pipeline.unet, pipeline.text_encoder] + ([pipeline.text_encoder_2] if sdxl is not None else [])
+        with evaluation_weights(optimizer, adapter.trainable_parameters()):
+            trained, merged = trained_and_merged_losses(
+                validation_set, adapter, predict_held_out, merged_factors=merged_factors, models=models,
+                device=accelerator.device, dtype=weight_dtype, process_index=accelerator.process_index,
+                num_processes=accelerator.num_processes, reduce=lambda losses: accelerator.reduce(losses, "sum"),
+            )
+        validation_seconds += time.perf_counter() - started
+        record = {"validation_loss": trained, "validation_loss_merged": merged}
+        accelerator.log(record, step=step)
+        return record
+
+    run_started = time.time()
+    if validation_set is not None and global_step == 0:
+        record = {"step": 0, **validation_losses(0)}  # the base model's: the same for every method with this seed
+        if metrics is not None:
+            metrics.write(record)
     if validate and accelerator.is_main_process and global_step == 0:
         grids.append(log_validation(pipeline, accelerator, args, 0))  # the base model, for comparison
     accelerator.wait_for_everyone()
@@ -1075,25 +1201,13 @@ def train(argv=None):
                                     pooled, batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"]
                                 )
 
-                    # Get the target for loss depending on the prediction type
-                    if noise_scheduler.config.prediction_type == "epsilon":
-                        target = noise
-                    else:
-                        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-
-                    # Predict the noise residual (or velocity) and compute the loss
+                    # Predict the noise residual (or velocity, by the prediction type) and compute the loss
+                    # (Min-SNR-weighted with --snr_gamma; the validation loss uses the same function).
+                    target = loss_target(noise_scheduler, latents, noise, timesteps)
                     model_pred = unet(
                         noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs, return_dict=False
                     )[0]
-                    if args.snr_gamma is None:
-                        loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-                    else:
-                        # Min-SNR weighting (arXiv 2303.09556, Section 3.4), adapted to the prediction type.
-                        snr = compute_snr(noise_scheduler, timesteps)
-                        weights = torch.clamp(snr, max=args.snr_gamma)
-                        weights = weights / snr if noise_scheduler.config.prediction_type == "epsilon" else weights / (snr + 1)
-                        loss = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
-                        loss = (loss * weights).mean()
+                    loss = diffusion_loss(noise_scheduler, model_pred, target, timesteps, args.snr_gamma)
 
                     # Gather the losses across all processes for logging; every process sees the same value,
                     # so a non-finite loss stops all of them together, before the adapter is touched.
@@ -1128,6 +1242,8 @@ def train(argv=None):
                         "images_per_second": round((global_step - start_step) * total_batch_size / max(seconds, 1e-9), 3),
                     }
                     accelerator.log({"train_loss": train_loss, "lr": record["lr"]}, step=global_step)
+                    if validation_set is not None and (global_step % loss_every == 0 or global_step == args.max_train_steps):
+                        record.update(validation_losses(global_step))
                     if metrics is not None:
                         metrics.write(record)
                     progress_bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{record['lr']:.2e}")
@@ -1140,13 +1256,15 @@ def train(argv=None):
                         logger.info(f"saved checkpoint {last_checkpoint}")
                     if validate and args.validation_steps and global_step % args.validation_steps == 0:
                         if accelerator.is_main_process and global_step < args.max_train_steps:
-                            grids.append(log_validation(pipeline, accelerator, args, global_step))
+                            with evaluation_weights(optimizer, adapter.trainable_parameters()):
+                                grids.append(log_validation(pipeline, accelerator, args, global_step))
                         accelerator.wait_for_everyone()
 
             end_of_run = global_step >= args.max_train_steps
             if validate and not args.validation_steps and (epoch + 1) % args.validation_epochs == 0 and not end_of_run:
                 if accelerator.is_main_process:
-                    grids.append(log_validation(pipeline, accelerator, args, global_step))
+                    with evaluation_weights(optimizer, adapter.trainable_parameters()):
+                        grids.append(log_validation(pipeline, accelerator, args, global_step))
                 accelerator.wait_for_everyone()
             if end_of_run:
                 break
@@ -1154,11 +1272,18 @@ def train(argv=None):
     except (TrainingStopped, DatasetError) as stop:
         kept = f"the last finite checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
         progress_bar.close()
+        if isinstance(stop, DatasetError) and accelerator.num_processes > 1:
+            # Only this process read the bad example; the others wait in this step's all-reduce and would wait
+            # forever in the barriers of an orderly shut-down. Exiting at once lets the launcher stop them.
+            print(f"error: {stop}; {kept} (process {accelerator.process_index} of {accelerator.num_processes} stopped "
+                  "the run)", file=sys.stderr, flush=True)
+            os._exit(1)
         unet = text_encoder = train_models = None  # as at the end of a run: the DDP wrappers go before the process group
         shut_down(accelerator)
         exit_with_error(f"{stop}; {kept}", code=1)
     progress_bar.close()
     train_seconds = time.time() - start_time
+    use_evaluation_weights(optimizer)  # schedule-free: its averaged weights are the ones to export
 
     # The replicas of a data-parallel run must agree; this is checked, not assumed.
     replica_difference = adapter_replica_difference(accelerator, adapter)
@@ -1169,20 +1294,15 @@ def train(argv=None):
     # γ after the last step taken (0 when annealing finished: the adapter is then a plain LoRA and merges exactly).
     adapter.set_shortcut_scale(shortcut_anneal_factor(global_step, args.max_train_steps, args.shortcut_anneal_fraction) if global_step else 1.0)
     if accelerator.is_main_process:
-        final_loss = None
+        final_loss, final_validation = None, {}
         if metrics is not None:
             metrics.close()
-            lines = (output_dir / "metrics.jsonl").read_text().splitlines()
-            final_loss = json.loads(lines[-1])["loss"] if lines else None
+            records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+            final_loss = next((r["loss"] for r in reversed(records) if "loss" in r), None)
+            final_validation = next((r for r in reversed(records) if "validation_loss" in r), {})
         save_adapter(adapter, output_dir, extra={"base_model": args.pretrained_model_name_or_path, "global_step": global_step})
         if validate:
             grids.append(log_validation(pipeline, accelerator, args, global_step))
-
-        def calibration():  # the lstsq / calibrated merge: the unmerged model (in eval mode) on the validation prompts
-            for model in (pipeline.unet, pipeline.text_encoder):
-                model.eval()
-            pipeline(list(args.validation_prompt), num_inference_steps=8, height=args.resolution, width=args.resolution,
-                     generator=torch.Generator().manual_seed(args.seed), output_type="latent")
 
         try:
             merge, diffusers_file, kohya_file = export_merged(adapter, args, calibration)
@@ -1205,6 +1325,14 @@ def train(argv=None):
             "replica_max_difference": replica_difference,
             "merge": merge,
         }
+        if final_validation:
+            summary.update(
+                validation_loss=final_validation["validation_loss"],
+                validation_loss_merged=final_validation["validation_loss_merged"],
+                validation_loss_step=final_validation["step"],
+                validation_loss_seconds=round(validation_seconds, 1),
+                validation_loss_share_of_training=round(validation_seconds / max(train_seconds + start_time - run_started, 1e-9), 4),
+            )
         atomic_write_text(output_dir / "training_summary.json", json.dumps(summary, indent=2))
         dataset = args.dataset_name or args.train_data_dir
         card = model_card(
@@ -1228,6 +1356,8 @@ def train(argv=None):
                 "final loss": f"{final_loss:.4f}" if final_loss is not None else "n/a",
                 "training time": f"{train_seconds:.0f} s ({summary['images_per_second']} images/s)",
                 "merge": merge,
+                **({"validation loss (training-time / merged)": f"{final_validation['validation_loss']:.5f} / "
+                    f"{final_validation['validation_loss_merged']:.5f} at step {final_validation['step']}"} if final_validation else {}),
             },
             kohya_file=kohya_file,
             validation_grids=grids,

@@ -105,6 +105,9 @@ def main(argv=None) -> int:
         workdir = Path(args.workdir).expanduser()
         workdir.mkdir(parents=True, exist_ok=True)
         workdir = workdir.resolve()
+        if not Path(args.base).exists():  # in seconds, not after the heavy imports
+            hint = " (build it with scripts/pretrain_base.py, or pass --base)" if Path(args.base).resolve() == DEFAULT_BASE else ""
+            raise UserInputError(f"base model not found: {Path(args.base).resolve()}{hint}")
     except (UserInputError, OSError) as error:
         exit_with_error(str(error))
 

@@ -30,6 +30,7 @@ from reslora_diffusers.image_grid import labelled_grid
 from reslora_diffusers.cli import first_line
 from reslora_diffusers.merge import MERGE_METHODS
 from reslora_diffusers.pipeline_io import UserInputError
+from reslora_diffusers.race_plot import race_curves, race_figure
 from training_jobs import METHODS, TrainingQueue, TrainingSettings, log_tail
 
 logger = logging.getLogger("reslora_app")
@@ -286,16 +287,44 @@ class Handlers:
                 f"Saved as `{run_folders.label_of(target, self.folders.adapters)}` (kind: {adapter_sources.lora_file_kind(target)} LoRA).")
 
     # -- training -----------------------------------------------------------------------------------------
+    def _training_folder(self, data) -> Path:
+        folder = resolve_inside(data, self.folders.data, "data")
+        if not is_training_folder(folder):
+            raise UserInputError(f"{data} is not a training folder: it has no metadata.jsonl / metadata.csv and no "
+                                 "images with caption files (.txt / .caption) beside them")
+        return folder
+
     def start_training(self, data, method, rank, steps, learning_rate, seed, checkpointing, validation, name):
         try:
-            folder = resolve_inside(data, self.folders.data, "data")
-            if not is_training_folder(folder):
-                raise UserInputError(f"{data} is not a training folder: it has no metadata.jsonl / metadata.csv and no "
-                                     "images with caption files (.txt / .caption) beside them")
-            job = self.queue.submit(TrainingSettings(folder, method, rank, steps, learning_rate, seed, checkpointing, validation, name or ""))
+            settings = TrainingSettings(self._training_folder(data), method, rank, steps, learning_rate, seed, checkpointing,
+                                        validation, name or "")
+            job = self.queue.submit(settings)
         except (UserInputError, ValueError) as error:
             return gr.skip(), _error(error)
         return gr.Dropdown(choices=self.job_choices(), value=job.number), f"Queued {job.label}."
+
+    def start_race(self, data, methods, rank, steps, learning_rate, seed, checkpointing, validation, name, held_out, loss_every):
+        """One run per chosen method, otherwise the same (data, seed, steps, held-out images), trained side by side."""
+        try:
+            settings = TrainingSettings(self._training_folder(data), "none", rank, steps, learning_rate, seed, checkpointing,
+                                        validation, name or "", validation_split=held_out, validation_loss_steps=loss_every)
+            jobs = self.queue.submit_race(settings, list(methods or []))
+        except (UserInputError, ValueError) as error:
+            return gr.skip(), _error(error)
+        return (gr.Dropdown(choices=self.job_choices(), value=jobs[0].number),
+                f"Race {jobs[0].settings.race} queued: " + ", ".join(job.label for job in jobs) + ".")
+
+    def race_view(self):
+        """The newest race: its validation-loss figure and each run's newest validation grid, side by side."""
+        jobs = self.queue.race_jobs()
+        if not jobs:
+            return None, []
+        figure = race_figure([(f"#{j.number} {j.settings.method}", j.output) for j in jobs])
+        images = []
+        for job in jobs:
+            newest = run_folders.validation_images(run_folders.Run(job.output, job.label, None), limit=1)
+            images.extend((path, f"#{job.number} {job.settings.method}: {caption}") for path, caption in newest)
+        return figure, images
 
     def job_choices(self) -> list[tuple[str, int]]:
         return [(f"{job.label} ({job.status})", job.number) for job in self.queue.jobs()]
@@ -316,10 +345,11 @@ class Handlers:
                              columns=["#", "run folder", "method", "steps", "status", "steps logged"])
         job = next((j for j in jobs if j.number == number), jobs[-1] if jobs else None)
         if job is None:
-            return table, pd.DataFrame(columns=["step", "loss", "run"]), [], "", gr.Dropdown(choices=[])
+            return table, pd.DataFrame(columns=["step", "loss", "run"]), [], "", gr.Dropdown(choices=[]), None, []
         run = run_folders.Run(job.output, job.label, None)
         frame = pd.DataFrame(run_folders.loss_rows([run], 0.0), columns=["step", "loss", "run"])
-        return table, frame, run_folders.validation_images(run), log_tail(job), gr.Dropdown(choices=self.job_choices(), value=job.number)
+        return (table, frame, run_folders.validation_images(run), log_tail(job), gr.Dropdown(choices=self.job_choices(), value=job.number),
+                *self.race_view())
 
 
 def summary_markdown(sampling: Sampling, base_label: str, cells) -> str:
@@ -360,8 +390,10 @@ def show_runs_handler(folders: Folders):
                 notes.append(f"- `{run.label}` has no {' and no '.join(missing)}")
         if not chosen:
             notes.append("Choose one or more runs above.")
+        with_validation = [(run.label, run.path) for run in chosen if race_curves(run.path)["step"]]
         return (pd.DataFrame(rows, columns=["step", "loss", "run"]), pd.DataFrame(settings, columns=headers),
-                pd.DataFrame(run_folders.report_table(chosen), columns=run_folders.REPORT_HEADERS), "\n".join(notes))
+                pd.DataFrame(run_folders.report_table(chosen), columns=run_folders.REPORT_HEADERS), "\n".join(notes),
+                race_figure(with_validation) if with_validation else None)
 
     return show_runs
 
@@ -463,6 +495,14 @@ def build_demo(handlers: Handlers) -> gr.Blocks:
                     with gr.Row():
                         start = gr.Button("Queue run", variant="primary", elem_id="train-start")
                         stop = gr.Button("Cancel run", variant="stop", elem_id="train-cancel")
+                    with gr.Group():
+                        gr.Markdown("**Race**: the run above once per method chosen, trained side by side on the same data, "
+                                    "seed and steps, each with a validation loss on the same held-out images.")
+                        race_methods = gr.CheckboxGroup(list(METHODS), value=["none", "is"], label="Methods", elem_id="race-methods")
+                        with gr.Row():
+                            held_out = gr.Number(label="Held-out fraction", value=0.1, elem_id="race-held-out")
+                            loss_every = gr.Number(label="Validation loss every", value=10, precision=0, elem_id="race-loss-every")
+                        race_start = gr.Button("Start race", elem_id="race-start")
                     train_status = gr.Markdown(elem_id="train-status")
                 with gr.Column(scale=3):
                     job = gr.Dropdown([], label="Run", allow_custom_value=True, elem_id="train-job")
@@ -470,6 +510,9 @@ def build_demo(handlers: Handlers) -> gr.Blocks:
                     live_plot = gr.LinePlot(x="step", y="loss", color="run", title="Loss", height=260, elem_id="train-loss")
                     gallery = gr.Gallery(label="Validation images", columns=4, height=200, elem_id="train-validation-images")
                     log = gr.Textbox(label="Log (last lines)", lines=8, max_lines=8, elem_id="train-log")
+                    race_plot = gr.Plot(label="Race: validation loss (solid: training-time, dashed: merged)", elem_id="race-plot")
+                    race_images = gr.Gallery(label="Race: each run's newest validation images", columns=4, height=200,
+                                             elem_id="race-images")
             timer = gr.Timer(2.0)
         with gr.Tab("Runs", id="runs"):
             with gr.Row():
@@ -484,6 +527,8 @@ def build_demo(handlers: Handlers) -> gr.Blocks:
             gr.Markdown("### Merge fidelity\nMerged vs unmerged model on the same inputs and seed, for each way of estimating α "
                         "(★: the one the export used). `exact` merges (LoRA, `bs`) have no error beyond rounding.")
             report = gr.Dataframe(headers=run_folders.REPORT_HEADERS, interactive=False, wrap=True, elem_id="merge-report")
+            runs_validation = gr.Plot(label="Validation loss of the runs that logged one (solid: training-time, dashed: merged)",
+                                      elem_id="runs-validation-plot")
 
         generate_inputs = [base, prompt, negative, seed, steps, guidance, size, scheduler, adapter_a, strength_a, adapter_b,
                            strength_b, weights, merge_method, gain]
@@ -502,8 +547,11 @@ def build_demo(handlers: Handlers) -> gr.Blocks:
 
         start.click(handlers.start_training, inputs=[data, method, rank, train_steps, learning_rate, train_seed, checkpointing, validation, run_name],
                     outputs=[job, train_status], api_name="train")
+        race_start.click(handlers.start_race, inputs=[data, race_methods, rank, train_steps, learning_rate, train_seed, checkpointing,
+                                                      validation, run_name, held_out, loss_every],
+                         outputs=[job, train_status], api_name="race")
         stop.click(handlers.cancel_training, inputs=[job], outputs=[train_status], api_name="train_cancel")
-        status_event = {"fn": handlers.training_status, "inputs": [job], "outputs": [jobs_table, live_plot, gallery, log, job],
+        status_event = {"fn": handlers.training_status, "inputs": [job], "outputs": [jobs_table, live_plot, gallery, log, job, race_plot, race_images],
                         "show_progress": "hidden"}
         timer.tick(api_name=False, **status_event)
         job.select(api_name="train_status", **status_event)
@@ -516,7 +564,7 @@ def build_demo(handlers: Handlers) -> gr.Blocks:
                     gr.Dropdown(choices=model_choices(folders)), gr.Dropdown(choices=data_choices(folders)))
 
         refresh.click(rescan, outputs=[adapter_a, adapter_b, grid_adapters, run_box, base, data], api_name="rescan")
-        show_runs = {"fn": show_runs_handler(folders), "inputs": [run_box, smoothing], "outputs": [plot, settings, report, notes],
+        show_runs = {"fn": show_runs_handler(folders), "inputs": [run_box, smoothing], "outputs": [plot, settings, report, notes, runs_validation],
                      "concurrency_limit": 4}
         show.click(api_name="runs", **show_runs)
         smoothing.release(api_name=False, **show_runs)

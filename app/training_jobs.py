@@ -1,4 +1,5 @@
-"""Training runs started from the page: `accelerate launch train_text_to_image.py …` subprocesses, one at a time.
+"""Training runs started from the page: `accelerate launch train_text_to_image.py …` subprocesses, one at a time —
+or, for a race, the runs of one race side by side, each with its share of the threads.
 
 Runs wait in a queue and start in order; each writes into its own new folder under the runs folder (an adapter
 root, so a finished run is listed in the Generate tab). Cancel sends SIGINT to the run's process group, as
@@ -15,7 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from reslora_diffusers.pipeline_io import UserInputError
@@ -38,6 +39,10 @@ class TrainingSettings:
     checkpointing_steps: int = 50
     validation_steps: int = 50
     name: str = ""
+    validation_split: float = 0.0  # > 0: hold out this fraction for the validation loss
+    validation_loss_steps: int = 10
+    race: int | None = None  # runs of one race train at the same time
+
 
     def check(self) -> TrainingSettings:
         if self.method not in METHODS:
@@ -48,6 +53,11 @@ class TrainingSettings:
                 raise UserInputError(f"{name} must be a whole number >= {low}, got {value!r}")
         if not isinstance(self.learning_rate, (int, float)) or not 0 < self.learning_rate <= 1:
             raise UserInputError(f"learning rate must be in (0, 1], got {self.learning_rate!r}")
+        if not isinstance(self.validation_split, (int, float)) or not 0 <= self.validation_split < 1:
+            raise UserInputError(f"held-out fraction must be in [0, 1), got {self.validation_split!r}")
+        if not isinstance(self.validation_loss_steps, (int, float)) or int(self.validation_loss_steps) != self.validation_loss_steps \
+                or self.validation_loss_steps < 1:
+            raise UserInputError(f"validation loss steps must be a whole number >= 1, got {self.validation_loss_steps!r}")
         return self
 
 
@@ -98,6 +108,27 @@ class TrainingQueue:
             self._wake.notify()
         return job
 
+    def submit_race(self, settings: TrainingSettings, methods: list[str]) -> list[Job]:
+        """One run per method, identical otherwise (data, seed, steps, held-out images), started together."""
+        methods = list(dict.fromkeys(methods))
+        if len(methods) < 2:
+            raise UserInputError("a race needs at least two methods")
+        if not settings.validation_split > 0:
+            raise UserInputError("a race compares validation losses: hold out a fraction of the images (> 0)")
+        with self._lock:
+            race = 1 + max((j.settings.race or 0 for j in self._jobs), default=0)
+        base_name = settings.name.strip() or "race"
+        return [self.submit(replace(settings, method=method, race=race, name=f"{base_name}{race}-{method}")) for method in methods]
+
+    def race_jobs(self, race: int | None = None) -> list[Job]:
+        """The jobs of race `race` (default: the newest race)."""
+        jobs = self.jobs()
+        races = [j.settings.race for j in jobs if j.settings.race is not None]
+        if not races:
+            return []
+        race = race if race is not None else max(races)
+        return [j for j in jobs if j.settings.race == race]
+
     def cancel(self, number: int) -> Job:
         with self._lock:
             job = next((j for j in self._jobs if j.number == number), None)
@@ -137,6 +168,8 @@ class TrainingQueue:
             "--checkpointing_steps", str(int(s.checkpointing_steps)), "--validation_steps", str(int(s.validation_steps)),
             "--output_dir", str(job.output), "--report_to", "none",
         ]
+        if s.validation_split > 0:
+            command += ["--validation_split", f"{s.validation_split:g}", "--validation_loss_steps", str(int(s.validation_loss_steps))]
         if self.base_config is not None:
             command += ["--base_config", str(self.base_config)]
         return command + self.extra_args
@@ -146,20 +179,29 @@ class TrainingQueue:
             with self._lock:
                 while not any(j.status == QUEUED for j in self._jobs):
                     self._wake.wait()
-                job = next(j for j in self._jobs if j.status == QUEUED)
-                job.status = RUNNING
-                job.output.parent.mkdir(parents=True, exist_ok=True)
-                env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads),
-                       "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-                with open(job.log, "w") as log:
-                    # Its own process group: Cancel signals the launcher and the training process together.
-                    job.process = subprocess.Popen(self.command(job), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                                   env=env, start_new_session=True)
-            code = job.process.wait()
-            with self._lock:
-                job.return_code = code
-                if job.status != CANCELLED:
-                    job.status = FINISHED if code == 0 else FAILED
+                first = next(j for j in self._jobs if j.status == QUEUED)
+                # A race starts all its runs at once; the threads are shared out so that they do not oversubscribe.
+                group = [j for j in self._jobs if j.status == QUEUED and first.settings.race is not None
+                         and j.settings.race == first.settings.race] or [first]
+                threads = max(1, self.threads // len(group))
+                for job in group:
+                    self._start(job, threads)
+            for job in group:
+                code = job.process.wait()
+                with self._lock:
+                    job.return_code = code
+                    if job.status != CANCELLED:
+                        job.status = FINISHED if code == 0 else FAILED
+
+    def _start(self, job: Job, threads: int) -> None:
+        job.status = RUNNING
+        job.output.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+               "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        with open(job.log, "w") as log:
+            # Its own process group: Cancel signals the launcher and the training process together.
+            job.process = subprocess.Popen(self.command(job), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                           env=env, start_new_session=True)
 
 
 def log_tail(job: Job, lines: int = 40) -> str:

@@ -436,10 +436,14 @@ def _freeze(model: nn.Module, undo: list) -> None:
 
 
 def _check_saved_chains(probed: dict[str, list[list[str]]], saved: dict[str, list[list[str]]]) -> None:
-    for component in sorted(set(probed) | set(saved)):
-        if component not in probed:
-            what = {"text_encoder": "a text encoder", "text_encoder_2": "the second text encoder (text_encoder_2)"}.get(component, "a UNet")
-            raise AdapterMismatchError(f"the adapter has {component} blocks: pass {what} to load it")
+    # A model not passed is named before any chain comparison: without text_encoder_2 an SDXL adapter's first
+    # encoder is read as SD-1's (its last layer included), and that mismatch would hide the real cause.
+    missing = sorted(set(saved) - set(probed))
+    if missing:
+        component = missing[0]
+        what = {"text_encoder": "a text encoder", "text_encoder_2": "the second text encoder (text_encoder_2)"}.get(component, "a UNet")
+        raise AdapterMismatchError(f"the adapter has {component} blocks: pass {what} to load it")
+    for component in sorted(probed):
         if component not in saved:
             raise AdapterMismatchError(f"the adapter has no {component} blocks, but this model's {component} has targets")
         if sorted(map(tuple, probed[component])) != sorted(map(tuple, saved[component])):

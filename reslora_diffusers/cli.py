@@ -12,9 +12,17 @@ def exit_with_error(message: str, code: int = 2) -> NoReturn:
     """Prints `error: <message>` and exits. Under a multi-process launch only the first local process prints,
     but every process exits, so none waits on another."""
     if os.environ.get("LOCAL_RANK", "0") == "0":
+        _close_progress_bars()  # a bar left open would share its line with the error
         sys.stderr.write(f"error: {message}\n")
         sys.stderr.flush()
     sys.exit(code)
+
+
+def _close_progress_bars() -> None:
+    tqdm = sys.modules.get("tqdm")
+    bars = getattr(getattr(tqdm, "tqdm", None), "_instances", None)
+    for bar in list(bars or []):
+        bar.close()
 
 
 def first_line(error: BaseException) -> str:

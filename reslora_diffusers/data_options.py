@@ -4,6 +4,7 @@ checks that need no model. Imports nothing heavy: the command line is parsed bef
 from __future__ import annotations
 
 import argparse
+import sys
 
 CAPTION_SOURCES = ("auto", "metadata", "files")
 MISSING_CAPTION = ("error", "folder_name")
@@ -80,3 +81,11 @@ def check_data_arguments(args: argparse.Namespace, error) -> None:
         error("--cache_text_embeddings cannot cache every order of a shuffled caption; leave out one of it and --shuffle_caption")
     if args.data_cache_dir is not None and not (args.cache_latents or args.cache_text_embeddings):
         error("--data_cache_dir stores cached latents / text embeddings: pass --cache_latents or --cache_text_embeddings too")
+    if args.enable_bucket and args.cache_latents and not args.center_crop:
+        # A bucket crops only its sides' rounding; kohya's cached latents are centre-cropped, and a random crop
+        # cannot be cached, so the centre is used (and recorded: resolved_config.json says center_crop true).
+        print("--cache_latents with --enable_bucket: each image's bucket rounding is cropped at the centre "
+              "(as kohya's cached latents are; a random crop cannot be cached)", file=sys.stderr)
+        args.center_crop = True
+        if isinstance(getattr(args, "resolved_config", None), dict):
+            args.resolved_config["center_crop"] = True

@@ -96,7 +96,7 @@ def optimizer_settings(args) -> dict[str, object]:
         "lr_scheduler": args.lr_scheduler,
         "lr_warmup_steps": args.lr_warmup_steps,
         "lora_plus_ratio": args.lora_plus_ratio,
-        "use_8bit_adam": args.use_8bit_adam,
+        "optimizer": args.optimizer,
         "adam_beta1": args.adam_beta1,
         "adam_beta2": args.adam_beta2,
         "adam_weight_decay": args.adam_weight_decay,

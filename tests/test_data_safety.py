@@ -8,8 +8,11 @@ reproductions, on tiny models).
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +21,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_train_script import (
+    ACCELERATE,
     ENV,
     ROOT,
+    SCRIPT,
     build_tiny_pipeline,
     error_lines,
     losses,
@@ -527,3 +532,77 @@ def test_a_full_disk_during_a_merge_is_one_line(merge_inputs, tmp_path, capsys, 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "No space left on device" in err[0], err
     assert not (tmp_path / "k.safetensors").exists()
+
+
+def _wait_for(path: Path, process: subprocess.Popen, seconds: float = 240) -> None:
+    deadline = time.time() + seconds
+    while not path.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert path.exists(), f"{path} did not appear (exit {process.poll()})"
+
+
+def test_an_image_breaking_on_one_data_parallel_process_stops_every_process(tiny, tmp_path):
+    """Before: the process that read the broken image waited forever in the shut-down's barrier while the other
+    waited in the step's all-reduce; the run never ended."""
+    data = write_imagefolder(tmp_path / "data", 8)
+    out = tmp_path / "ddp"
+    args = tiny_args(tiny, out, "--max_train_steps", "400", "--checkpointing_steps", "2", "--train_batch_size", "1",
+                     "--lr_scheduler", "constant")
+    args[args.index("--train_data_dir") + 1] = str(data)
+    launcher = ACCELERATE + ["--multi_gpu", "--num_processes", "2", "--mixed_precision", "no"]
+    env = {**ENV, "ACCELERATE_USE_CPU": "1"}
+    process = subprocess.Popen(launcher + [str(SCRIPT), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for(out / "checkpoint-2" / "reslora_checkpoint.json", process)
+        (data / "5.png").write_bytes(b"no longer an image")  # one process draws it once per epoch (4 steps)
+        _, err = process.communicate(timeout=180)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode != 0
+    assert "5.png became unreadable during training" in err and "the last finite checkpoint is" in err, err[-3000:]
+    assert (out / "checkpoint-2" / "reslora_checkpoint.json").is_file()
+
+
+WRITE_FAILS_ON_THE_SECOND_CHECKPOINT = """
+import errno, runpy, sys
+from pathlib import Path
+import accelerate
+
+save_state, calls = accelerate.Accelerator.save_state, []
+
+def full_disk(self, output_dir=None, **kwargs):
+    calls.append(output_dir)
+    if len(calls) == 2:  # half a checkpoint written, then the disk is full
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(output_dir) / "model.safetensors"))
+    return save_state(self, output_dir, **kwargs)
+
+accelerate.Accelerator.save_state = full_disk
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+sys.path.insert(0, str(Path(sys.argv[0]).parent))  # the project, as when the script is run directly
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_full_disk_while_training_is_one_line_and_the_run_resumes(tiny, tmp_path):
+    """A disk that fills up while a checkpoint is written: one `error:` line (no traceback), no half checkpoint,
+    and --resume_from_checkpoint latest continues from the last complete one to the end."""
+    wrapper = tmp_path / "full_disk.py"
+    wrapper.write_text(WRITE_FAILS_ON_THE_SECOND_CHECKPOINT)
+    out = tmp_path / "run"
+    args = tiny_args(tiny, out, "--max_train_steps", "4", "--checkpointing_steps", "2", "--merge_method", "input")
+    result = subprocess.run([sys.executable, str(wrapper), str(SCRIPT), *args], cwd=ROOT, env=ENV, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert "No space left on device" in errors[0] and "--resume_from_checkpoint latest" in errors[0]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    resumed = subprocess.run([sys.executable, str(SCRIPT), *args, "--resume_from_checkpoint", "latest"], cwd=ROOT,
+                             env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert summary(out)["global_step"] == 4

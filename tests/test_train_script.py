@@ -295,6 +295,13 @@ def run_in_process(argv: list[str], capsys) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+def train_in_process(capsys, argv: list[str]) -> str:
+    """A training run that must succeed, in this process (no import cost); its stderr."""
+    code, _, err = run_in_process(argv, capsys)
+    assert code == 0, err[-4000:]
+    return err
+
+
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
@@ -350,9 +357,10 @@ def test_output_folder_belongs_to_one_run(tiny, tmp_path, capsys):
 
 # -- data parallel and mixed precision ----------------------------------------------------------------------------
 def test_two_process_data_parallel_runs_keep_identical_replicas_and_always_exit(tiny, tmp_path):
-    """The README's 2-process CPU command, 5 times in a row: every run ends with exit 0 within the timeout (the
+    """The README's 2-process CPU command, 3 times in a row: every run ends with exit 0 within the timeout (the
     gloo process group once hung at exit in 2 of 8 runs). The first run checks the replicas; the others are
-    1-step runs, the cheapest the command allows."""
+    1-step runs, the cheapest the command allows. (Three more 2-process runs elsewhere in the suite must end too:
+    the bucket cache's, the validation loss's and the broken image's.)"""
     out = tmp_path / "ddp"
     launcher = ACCELERATE + ["--multi_gpu", "--num_processes", "2", "--mixed_precision", "no"]
     env = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
@@ -362,7 +370,7 @@ def test_two_process_data_parallel_runs_keep_identical_replicas_and_always_exit(
     assert facts["num_processes"] == 2 and facts["global_step"] == 4
     assert facts["replica_max_difference"] == 0.0  # every adapter parameter compared across the two ranks
     assert {p.name for p in (out / "checkpoint-4").glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
-    for _ in range(4):
+    for _ in range(2):
         check(run(tiny_args(tiny, out, "--max_train_steps", "1", "--train_batch_size", "2", "--overwrite_output_dir",
                             "--merge_method", "input"), launcher=launcher, env=env, timeout=400))
         assert summary(out)["global_step"] == 1
