@@ -156,11 +156,11 @@ def parse_args(argv=None):
     parser.add_argument(
         "--validation_loss_steps", type=int, default=None,
         help="Compute the validation loss (training-time and merged model) every X optimizer steps, before the first "
-        "and after the last (default: a tenth of the run). Needs --validation_split or --validation_data_dir.",
+        "and after the last (default: a fifth of the run). Needs --validation_split or --validation_data_dir.",
     )
     parser.add_argument(
-        "--validation_loss_timesteps", type=int, default=4,
-        help="Timesteps per held-out image, spread over the whole noise schedule.",
+        "--validation_loss_timesteps", type=int, default=2,
+        help="Timesteps per held-out image, spread over the whole noise schedule (the cost grows with it).",
     )
     # Output
     parser.add_argument(
@@ -1095,7 +1095,7 @@ def train(argv=None):
                 noise_scheduler=noise_scheduler, seed=args.seed, timesteps_per_image=args.validation_loss_timesteps,
                 batch_size=args.train_batch_size, snr_gamma=args.snr_gamma,
             )
-        loss_every = args.validation_loss_steps or max(1, args.max_train_steps // 10)
+        loss_every = args.validation_loss_steps or max(1, args.max_train_steps // 5)
         logger.info(f"  Validation loss = {validation_set.size} items ({len(held_out)} held-out images), every {loss_every} steps")
 
     def predict_held_out(noisy_latents, timesteps, captions):

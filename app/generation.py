@@ -177,10 +177,22 @@ class Comparer:
         timesteps = config.get("num_train_timesteps", self.limits.max_steps) - config.get("steps_offset", 0)
         return min(self.limits.max_steps, timesteps)
 
-    def cancel(self) -> None:
-        """Stops the running job at its next denoising step; with no job running it does nothing."""
-        if self.lock.locked():
-            self.cancel_requested.set()
+    @property
+    def busy(self) -> bool:
+        return self.lock.locked()
+
+    def cancel(self, wait_s: float = 0.0) -> bool:
+        """Stops the running job at its next denoising step; with no job running it does nothing.
+
+        Waits up to `wait_s` for the job to stop; True when it has (False: none was running, or it is still stopping).
+        """
+        if not self.lock.locked():
+            return False
+        self.cancel_requested.set()
+        if wait_s <= 0 or not self.lock.acquire(timeout=wait_s):
+            return False
+        self.lock.release()  # the job has let go of the model: it stopped
+        return True
 
     @property
     def scheduler_choices(self) -> list[tuple[str, str]]:

@@ -35,6 +35,8 @@ from training_jobs import METHODS, TrainingQueue, TrainingSettings, log_tail
 
 logger = logging.getLogger("reslora_app")
 PROGRESS_INTERVAL_S = 0.25  # at most four progress updates a second reach the page
+CANCEL_WAIT_S = 10.0  # a cancelled job stops at its next denoising step: well under a second on the CPU
+CANCELLED = "Cancelled: what was on the page stays."
 
 BASE_CHOICE = "(base model)"
 MAX_DEFAULT_RUNS = 6
@@ -158,7 +160,7 @@ def keeps_the_page(outputs: int, what: str):
             try:
                 return handler(*args, **kwargs)
             except Cancelled:
-                return *keep, "Cancelled: what was on the page stays."
+                return *keep, CANCELLED
             except (UserInputError, ValueError, FileNotFoundError) as error:
                 return *keep, _error(error)
             except Exception as error:
@@ -258,7 +260,12 @@ class Handlers:
         return str(path), table, f"Done: {len(samplings)} × {len(column_labels)} images."
 
     def cancel(self):
-        self.comparer.cancel()
+        """Waits (briefly) for the job to stop and says what the job's own reply says: whichever of the two replies the
+        browser shows last, the status line ends as "Cancelled", never stuck at "Cancelling…"."""
+        if not self.comparer.busy:
+            return gr.skip()  # nothing running: the last status ("Done.", an error) stays
+        if self.comparer.cancel(wait_s=CANCEL_WAIT_S):
+            return CANCELLED
         return "Cancelling…"
 
     def upload(self, file):

@@ -141,20 +141,21 @@ def trained_and_merged_losses(validation: ValidationLoss, adapter, predict, *, m
     The merged model is the one users deploy: `merged_factors()` (e.g. `merge_adapter(...).factors`; under data
     parallelism the main process's merge, shared with the others, since each process's input-norm windows end
     with its own last batch) baked into the base weights for the second pass (`merge.baked_weights`, undone
-    exactly afterwards). For exact merges the two agree to rounding; for `is` / `ms` their difference is the
-    merge gap. `models` are set to eval mode for the passes (no dropout, no input-norm recording) and given back
+    exactly afterwards). For exact merges the two are the same model (one pass); for `is` / `ms` their difference
+    is the merge gap. `models` are set to eval mode for the passes (no dropout, no input-norm recording) and given back
     their modes after.
     """
-    from .merge import baked_weights
+    from .merge import baked_weights, is_exact
 
     modes = [(model, model.training) for model in models]
     for model in models:
         model.eval()
     try:
         trained = validation.evaluate(predict, **evaluate_options)
-        if all(not block.lora_B.any() for block in adapter.blocks.values()):
-            # Every B is still zero (before the first step): every merge is the base model itself, and the
-            # input-based α could not be estimated yet (its input norms are recorded by the training steps).
+        if is_exact(adapter) or all(not block.lora_B.any() for block in adapter.blocks.values()):
+            # An exact merge (LoRA, bs, annealed to γ = 0) is the same model, so the second pass is skipped; with
+            # every B still zero (before the first step) every merge is the base model itself, and the input-based
+            # α could not be estimated yet (its input norms are recorded by the training steps).
             return trained, trained
         with baked_weights(adapter, merged_factors()):
             merged = validation.evaluate(predict, **evaluate_options)

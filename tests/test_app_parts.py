@@ -208,3 +208,38 @@ def test_the_train_tab_lists_imagefolders_and_kohya_caption_folders(tmp_path):
     folders = page_parts.Folders(adapters=[], models=[], data=[tmp_path], workdir=tmp_path / "work")
     listed = sorted(Path(path).relative_to(tmp_path).as_posix() for _, path in page_parts.data_choices(folders))
     assert listed == ["flat", "imagefolder", "projects/kohya", "unreadable"]  # not the concept folder on its own, not `uncaptioned`
+
+
+# -- cancel ----------------------------------------------------------------------------------------------------
+def test_cancel_replies_cancelled_once_the_job_stopped_so_the_status_never_sticks_at_cancelling():
+    """The job's own reply and the cancel button's reply both set the status line, in whichever order the browser
+    gets them; the cancel reply used to be "Cancelling…", which stuck when it came second (CI's browser test)."""
+    import threading
+
+    import gradio as gr
+    from generation import Comparer
+    from page import CANCELLED, Handlers
+
+    comparer = object.__new__(Comparer)  # only the job lock and the cancel flag: no pipeline needed
+    comparer.lock, comparer.cancel_requested = threading.Lock(), threading.Event()
+    handlers = Handlers(comparer, folders=None, queue=None)
+    assert isinstance(handlers.cancel(), type(gr.skip())), "with nothing running the last status stays"
+
+    started = threading.Event()
+
+    def job():  # a generation that notices the cancel at its next step, a little later
+        with comparer.lock:
+            started.set()
+            comparer.cancel_requested.wait(timeout=30)
+            time.sleep(0.3)
+            comparer.cancel_requested.clear()
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    started.wait(timeout=10)
+    try:
+        assert handlers.cancel() == CANCELLED
+        assert not comparer.busy
+    finally:
+        comparer.cancel_requested.set()
+        thread.join()
