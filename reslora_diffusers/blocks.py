@@ -1,17 +1,9 @@
-"""`ResLoRABlock`: one LoRA adapter on one frozen linear layer, with its ResLoRA shortcut (SPEC §1-2).
+"""`ResLoRABlock`: one LoRA adapter on one frozen linear layer, linked to the earlier blocks of its chain (SPEC §1-2).
 
-This file is the only place the shortcut math lives. A block returns the adapter branch only; the
-caller (the UNet attention processor or the text-encoder hook) adds it to the frozen layer's output:
-
-    none: s · B_n A_n x_n
-    is:   s · B_n A_n (x_n + γ x_{n-1})
-    bs:   s · (B_n A_n + γ Σ_{k=1..m} B_{n-k} A_{n-k}) x_n   (one concatenated low-rank product, recomputed
-                                                          in backward, or the dense ΔW when the chain is
-                                                          long: see `_bs_dense_is_cheaper`)
-    ms:   s · B_n (A_n x_n + γ Σ_{k=1..m} A_{n-k} x_{n-k})
-
-γ = `shortcut_scale` (SPEC §3, merge-aware training): 1 normally; shortcut annealing takes it to 0, where
-every block is plain LoRA and merges exactly.
+A block holds the factors, the links and the caches; what its branch computes is its variant's (variants.py). It
+returns the adapter branch only; the caller (the UNet attention processor or the text-encoder hook) adds it to the
+frozen layer's output. γ = `shortcut_scale` (SPEC §3, merge-aware training): 1 normally; shortcut annealing takes
+it to 0, where every block is plain LoRA and merges exactly.
 
 Delta-LoRA (`none` only, after step K) adds λ·s·(sg(B A) − B_K A_K) x: the frozen weight's move (delta_lora.py).
 """
@@ -23,7 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+
+from .variants import Factors, variant_of
 
 
 class ForwardPassTracker:
@@ -77,6 +70,7 @@ class ResLoRABlock(nn.Module):
         self.name = name
         self.in_features, self.out_features = in_features, out_features
         self.rank, self.scaling, self.res_type = rank, scaling, res_type
+        self.variant = variant_of(res_type)
         # Adapters are always fp32, whatever the base dtype: fp16 factors cannot be trained with a GradScaler.
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=torch.float32))
@@ -123,7 +117,7 @@ class ResLoRABlock(nn.Module):
             block.feeds_later_blocks = True
         self.previous = list(previous)
 
-    def _cached_from(self, block: ResLoRABlock, shape: torch.Size) -> torch.Tensor:
+    def cached_from(self, block: ResLoRABlock, shape: torch.Size) -> torch.Tensor:
         entry = block.cached
         if entry is None or entry[0] != self.tracker.pass_id:
             raise RuntimeError(
@@ -148,15 +142,19 @@ class ResLoRABlock(nn.Module):
             )
         return tensor
 
+    def cache_for_later(self, tensor: torch.Tensor) -> None:
+        """Keeps what later blocks of the chain read in this pass (the variant says which tensor)."""
+        self.cached = (self.tracker.pass_id, tensor, torch.is_grad_enabled())
+
     @property
     def has_shortcut(self) -> bool:
         """Whether the branch reads earlier blocks' inputs (`is` / `ms` with a link and γ ≠ 0): no exact merge."""
-        return self.res_type in ("is", "ms") and bool(self.previous) and self.shortcut_scale != 0
+        return self.variant.reads_earlier_inputs and bool(self.previous) and self.shortcut_scale != 0
 
     @property
     def records_input_norm(self) -> bool:
         """Only `is` / `ms` blocks on a shortcut need f_n (the input-based α); `none` and `bs` merge exactly."""
-        return self.res_type in ("is", "ms") and bool(self.previous or self.feeds_later_blocks)
+        return self.variant.reads_earlier_inputs and bool(self.previous or self.feeds_later_blocks)
 
     def _record_input_norm(self, x: torch.Tensor) -> None:
         # Once per forward pass (not again in a checkpoint recompute), without a host-device sync.
@@ -176,27 +174,22 @@ class ResLoRABlock(nn.Module):
             return None
         return float(self.input_norms[: min(count, self.input_norms.numel())].mean())
 
-    def chain_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B*, A*) of the effective update: [B_n … B_{n-m}], [A_n; …; A_{n-m}] for `bs`, (B, A) otherwise."""
-        if self.res_type == "bs" and self.previous and self.shortcut_scale != 0:
-            return _concatenated(*self._chain_parameters())
-        return self.lora_B, self.lora_A
-
-    def _chain_parameters(self) -> list[nn.Parameter]:
-        """(A_n, B_n, A_{n-1}, γB_{n-1}, …) of a `bs` chain: what a checkpoint keeps instead of their concatenation."""
-        gamma = self.shortcut_scale
-        linked = self.previous if gamma != 0 else []  # γ = 0: plain LoRA, rank r
-        earlier = [t for b in linked for t in (b.lora_A, b.lora_B if gamma == 1 else gamma * b.lora_B)]
-        return [self.lora_A, self.lora_B, *earlier]
-
-    def delta_weight(self) -> torch.Tensor:
-        """The exact weight change s·B*A* of `none` and `bs`; `is` / `ms` need the merge's α (see merge.py)."""
+    def exact_factors(self) -> Factors:
+        """(B*, A*) of the block's exact weight change s·B*A*: what every merge, export and test of a block without a
+        shortcut reads. Delta-LoRA's is telescoped (SPEC §3): s·((1+λ)·B A − λ·B_K A_K), an exact rank-2r LoRA."""
         if self.has_shortcut:
             raise ValueError(f"{self.name}: res_type {self.res_type!r} has no exact weight change; use merge_adapter")
-        up, down = self.chain_factors()
+        up, down = self.variant.exact_factors(self)
         if self.delta_lora_start is not None:
-            delta_up, delta_down = self._delta_lora_factors()
-            up, down = torch.cat([up, delta_up], dim=1), torch.cat([down, delta_down], dim=0)
+            start_up, start_down = self.delta_lora_start
+            ratio = self.delta_lora_ratio
+            up = torch.cat([(1 + ratio) * self.lora_B, -ratio * start_up], dim=1)
+            down = torch.cat([self.lora_A, start_down], dim=0)
+        return up, down
+
+    def delta_weight(self) -> torch.Tensor:
+        """The exact weight change s·B*A* (a dense out × in matrix; `exact_factors` keeps it low-rank)."""
+        up, down = self.exact_factors()
         return self.scaling * (up @ down)
 
     def _delta_lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,7 +198,7 @@ class ResLoRABlock(nn.Module):
         up = torch.cat([self.lora_B.detach(), -start_up], dim=1) * self.delta_lora_ratio
         return up, torch.cat([self.lora_A.detach(), start_down], dim=0)
 
-    def _branch_dtype(self, x: torch.Tensor) -> torch.Tensor:
+    def branch_input(self, x: torch.Tensor) -> torch.Tensor:
         # Under autocast the matmuls pick their own dtype: casting x to fp32 here would only add a full-size copy.
         device = x.device.type
         if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
@@ -215,70 +208,11 @@ class ResLoRABlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and torch.is_grad_enabled() and self.records_input_norm:
             self._record_input_norm(x)
-        pass_id = self.tracker.pass_id
-        dropped = self.dropout(self._branch_dtype(x))
-
-        if self.res_type == "bs":
-            factors = self._chain_parameters()
-            tokens, chain_rank = dropped.numel() // self.in_features, self.rank * len(factors) // 2
-            if _bs_dense_is_cheaper(tokens, self.in_features, self.out_features, chain_rank):
-                up, down = _concatenated(*factors)
-                out = F.linear(dropped, up @ down)
-            elif len(factors) > 2 and torch.is_grad_enabled():
-                # Storing the tokens × (m+1)·r down-projection for backward would keep (m+1)× what a LoRA
-                # keeps: recompute it in backward instead, from x (held anyway) and the parameters.
-                out = checkpoint(_bs_low_rank, dropped, *factors, use_reentrant=False, preserve_rng_state=False)
-            else:
-                out = _bs_low_rank(dropped, *factors)
-        elif self.res_type == "is":
-            hidden = F.linear(dropped, self.lora_A)
-            if self.has_shortcut:
-                previous_input = self._cached_from(self.previous[0], x.shape)
-                # A_n x_n + A_n x_{n-1}: two small products instead of a new full-size sum kept for backward.
-                shortcut = F.linear(self.dropout(self._branch_dtype(previous_input)), self.lora_A)
-                hidden = hidden + (shortcut if self.shortcut_scale == 1 else self.shortcut_scale * shortcut)
-            if self.feeds_later_blocks:
-                self.cached = (pass_id, x, torch.is_grad_enabled())
-            out = F.linear(hidden, self.lora_B)
-        elif self.res_type == "ms":
-            own = F.linear(dropped, self.lora_A)
-            hidden = own
-            if self.has_shortcut:
-                earlier = sum(self._cached_from(block, own.shape) for block in self.previous)
-                hidden = hidden + (earlier if self.shortcut_scale == 1 else self.shortcut_scale * earlier)
-            if self.feeds_later_blocks:
-                self.cached = (pass_id, own, torch.is_grad_enabled())
-            out = F.linear(hidden, self.lora_B)
-        else:
-            out = F.linear(F.linear(dropped, self.lora_A), self.lora_B)
-            if self.delta_lora_start is not None:
-                # Detached factors: the stop-gradient (W gets no gradient, so neither does its move); the
-                # gradient still flows through x, as through a moved W. Autograd keeps only the factors.
-                up, down = self._delta_lora_factors()
-                out = out + F.linear(F.linear(dropped, down), up)
+        dropped = self.dropout(self.branch_input(x))
+        out = self.variant.branch(self, dropped, x)
+        if self.delta_lora_start is not None:
+            # Detached factors: the stop-gradient (W gets no gradient, so neither does its move); the gradient
+            # still flows through x, as through a moved W. Autograd keeps only the factors.
+            up, down = self._delta_lora_factors()
+            out = out + F.linear(F.linear(dropped, down), up)
         return (out * (self.scaling * self.strength)).to(x.dtype)
-
-
-def _concatenated(*factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """([B_n … B_{n-m}], [A_n; …; A_{n-m}]) from factors (A_n, B_n, A_{n-1}, B_{n-1}, …)."""
-    return torch.cat(factors[1::2], dim=1), torch.cat(factors[0::2], dim=0)
-
-
-def _bs_low_rank(x: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
-    """B*(A* x) for factors (A_n, B_n, A_{n-1}, B_{n-1}, …)."""
-    up, down = _concatenated(*factors)
-    return F.linear(F.linear(x, down), up)
-
-
-def _bs_dense_is_cheaper(tokens: int, in_features: int, out_features: int, rank: int) -> bool:
-    """Whether one dense ΔW = B*A* costs fewer multiply-adds than the rank-R product B*(A*x).
-
-    A `bs` block with many linked predecessors has a rank R = (m+1)·r that can reach the layer's width.
-    The low-rank path then does more work per token than a dense matmul. The choice counts work, not
-    memory: the dense path keeps ΔW (out × in) and the concatenated factors (R × (in + out)) for backward,
-    the low-rank path recomputes and keeps nothing new (so at SDXL's 1024 px, where long chains go dense,
-    `bs` keeps more than LoRA: BENCHMARKS.md). Same result up to rounding: an evaluation order, per call.
-    """
-    low_rank = tokens * rank * (in_features + out_features)
-    dense = out_features * in_features * (rank + tokens)
-    return dense < low_rank

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .variants import variant_of
+
 
 @dataclass(frozen=True)
 class ProbedLayer:
@@ -64,10 +66,11 @@ def probe_execution_order(
 
 def build_chains(probed: list[ProbedLayer], res_type: str) -> list[list[str]]:
     """Groups probed layers (in execution order) into chains; a chain lists block names, first to run first."""
+    variant = variant_of(res_type)
     chains: dict[tuple, list[str]] = {}
     for layer in probed:
         key = (layer.target, layer.in_features, layer.out_features)
-        if res_type in ("is", "ms"):
+        if variant.reads_earlier_inputs:  # a block adds an earlier block's input or A·x: the shapes must match
             key += (layer.input_shape,)
         chains.setdefault(key, []).append(layer.name)
     return list(chains.values())
@@ -75,9 +78,4 @@ def build_chains(probed: list[ProbedLayer], res_type: str) -> list[list[str]]:
 
 def predecessors(chain: list[str], position: int, res_type: str, pre_num: int) -> list[str]:
     """The earlier blocks that block `chain[position]` links to, nearest first (n-1, n-2, …)."""
-    if res_type == "none" or pre_num == 0:
-        return []
-    earlier = chain[:position][::-1]
-    if res_type == "is":
-        return earlier[:1]
-    return earlier if pre_num == -1 else earlier[:pre_num]
+    return variant_of(res_type).predecessors(chain[:position][::-1], pre_num)

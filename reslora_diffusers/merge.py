@@ -134,8 +134,7 @@ class _ShortcutStatistics:
                 return
             self.reached.add(name)
             up = block.lora_B.detach().float()
-            for k, previous in enumerate(block.previous):
-                down = (previous if block.res_type == "ms" else block).lora_A.detach().float()
+            for k, (previous, down) in enumerate(zip(block.previous, block.variant.link_downs(block))):
                 target = (self.inputs[previous.name] @ down.T) @ up.T
                 approx = (x @ down.T) @ up.T
                 self.cross[name][k] += float((target * approx).sum())
@@ -179,19 +178,7 @@ def _block_factors(adapter: ResLoRAAdapter, name: str, alphas: list[float] | Non
     """The merged plain-LoRA factors of one block; `alphas` only for `is` / `ms` blocks with a shortcut."""
     block = adapter.blocks[name]
     scaling = block.scaling
-    delta = adapter.delta_lora
-    if delta is not None and delta.started:
-        # Telescoping (SPEC §3): W_0 + s·((1+λ)·B_T A_T − λ·B_K A_K), an exact rank-2r LoRA.
-        start_up, start_down = delta.start[name]
-        up = torch.cat([(1 + delta.ratio) * block.lora_B, -delta.ratio * start_up], dim=1)
-        down = torch.cat([block.lora_A, start_down], dim=0)
-    elif block.has_shortcut and block.res_type == "is":
-        up, down = (1 + block.shortcut_scale * alphas[0]) * block.lora_B, block.lora_A
-    elif block.has_shortcut:  # ms
-        up = block.lora_B
-        down = block.lora_A + block.shortcut_scale * sum(alpha * b.lora_A for alpha, b in zip(alphas, block.previous))
-    else:
-        up, down = block.chain_factors()
+    up, down = block.variant.merged_factors(block, alphas) if block.has_shortcut else block.exact_factors()
     up, down = up.detach().float().cpu().contiguous(), down.detach().float().cpu().contiguous()
     # The file's scale is alpha / rank: keep the effective scale s whatever the merged rank.
     return LoRAFactors(down=down, up=up, alpha=scaling * down.shape[0])

@@ -38,12 +38,9 @@ class LayerStatistics:
         self._inputs: dict[str, torch.Tensor] = {}
 
     def _accumulate(self, name: str, block: ResLoRABlock, x: torch.Tensor) -> None:
-        down = block.lora_A.detach().float()
-        if block.res_type == "is":
-            shortcut = self._inputs[block.previous[0].name] @ down.T
-        else:
-            shortcut = sum(self._inputs[b.name] @ b.lora_A.detach().float().T for b in block.previous)
-        z = x @ down.T + block.shortcut_scale * shortcut
+        links = zip(block.previous, block.variant.link_downs(block))
+        shortcut = sum(self._inputs[previous.name] @ link_down.T for previous, link_down in links)
+        z = x @ block.lora_A.detach().float().T + block.shortcut_scale * shortcut
         for store, value in ((self.xx, x.T @ x), (self.zx, z.T @ x), (self.zz, z.T @ z)):
             value = value.double().cpu()
             store[name] = store[name] + value if name in store else value
@@ -72,7 +69,7 @@ class LayerStatistics:
             gamma, up = block.shortcut_scale, block.lora_B.detach().double().cpu()
             metric, xx = up.T @ up, self.xx[name]
             own = block.lora_A.detach().double().cpu()
-            terms = [d.double().cpu() for d in _link_downs(block)]
+            terms = [d.double().cpu() for d in block.variant.link_downs(block)]
             residual = self.zx[name] - own @ xx  # Σ (z − A_n x) xᵀ = γ Σ shortcut·xᵀ
             gram = torch.tensor([[gamma**2 * float(torch.trace(metric @ a @ xx @ b.T)) for b in terms] for a in terms])
             cross = torch.tensor([gamma * float(torch.trace(metric @ residual @ a.T)) for a in terms])
@@ -93,16 +90,9 @@ class LayerStatistics:
         return torch.linalg.solve(xx + ridge * eye, rhs.T).T.float()
 
 
-def _link_downs(block: ResLoRABlock) -> list[torch.Tensor]:
-    """A'_k of every link: the down-projection its shortcut term goes through (A_n for `is`, A_{n-k} for `ms`)."""
-    if block.res_type == "is":
-        return [block.lora_A.detach().float()]
-    return [b.lora_A.detach().float() for b in block.previous]
-
-
 def alpha_merged_down(block: ResLoRABlock, alphas: list[float]) -> torch.Tensor:
     """A* = A_n + γ Σ_k α_k A'_k: the merged down-projection of an α-based merge, with B_n kept."""
-    down = block.lora_A.detach().float() + block.shortcut_scale * sum(a * d for a, d in zip(alphas, _link_downs(block)))
+    down = block.lora_A.detach().float() + block.shortcut_scale * sum(a * d for a, d in zip(alphas, block.variant.link_downs(block)))
     return down.cpu()
 
 

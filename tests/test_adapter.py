@@ -15,7 +15,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0, XF
 from peft import LoraConfig
 
 from reslora_diffusers import AdapterMismatchError, ResLoRAConfig, apply_reslora, load_adapter, save_adapter
-from reslora_diffusers import blocks
+from reslora_diffusers import variants
 from reslora_diffusers.formats import lora_delta
 from reslora_diffusers.merge import baked_weights, merge_adapter, relative_error
 from reslora_diffusers.processor import ResLoRAAttnProcessor
@@ -139,7 +139,7 @@ def test_bs_dense_and_low_rank_evaluation_orders_agree(pre_num, monkeypatch):
     """`bs` applies either B*(A*x) or the dense ΔW = B*A* (whichever is cheaper): same loss and gradients."""
     results = []
     for dense in (False, True):
-        monkeypatch.setattr(blocks, "_bs_dense_is_cheaper", lambda *_, dense=dense: dense)
+        monkeypatch.setattr(variants, "bs_dense_is_cheaper", lambda *_, dense=dense: dense)
         unet = tiny_unet()
         adapter = apply_reslora(unet, ResLoRAConfig(res_type="bs", pre_num=pre_num, rank=4))
         perturb_adapter(adapter)
@@ -153,11 +153,27 @@ def test_bs_dense_and_low_rank_evaluation_orders_agree(pre_num, monkeypatch):
 
 def test_bs_chooses_the_dense_update_only_for_long_chains():
     tokens = 4 * 4096  # SD-1.5's first level (320 wide), batch 4, 512 px
-    assert not blocks._bs_dense_is_cheaper(tokens, 320, 320, 16)  # plain LoRA-sized
-    assert not blocks._bs_dense_is_cheaper(tokens, 320, 320, 2 * 32)  # pre_num 1
-    assert blocks._bs_dense_is_cheaper(tokens, 320, 320, 10 * 32)  # all 10 blocks: rank 320 = the width
+    assert not variants.bs_dense_is_cheaper(tokens, 320, 320, 16)  # plain LoRA-sized
+    assert not variants.bs_dense_is_cheaper(tokens, 320, 320, 2 * 32)  # pre_num 1
+    assert variants.bs_dense_is_cheaper(tokens, 320, 320, 10 * 32)  # all 10 blocks: rank 320 = the width
     # Few tokens (a text encoder's 77): building ΔW costs more than it saves.
-    assert not blocks._bs_dense_is_cheaper(77, 320, 320, 6 * 32)
+    assert not variants.bs_dense_is_cheaper(77, 320, 320, 6 * 32)
+
+
+@pytest.mark.parametrize("method", ["none", "bs", "delta"])
+def test_a_blocks_exact_weight_change_is_what_its_forward_adds(method):
+    """`exact_factors`, which every merge and export reads, against the block's own forward (Delta-LoRA's move
+    since step K included): one source of truth for "the weight change" of a block without a shortcut."""
+    delta = {"delta_lora_ratio": 0.5, "delta_lora_start": 0} if method == "delta" else {}
+    adapter = apply_reslora(tiny_unet(), ResLoRAConfig(res_type="none" if method == "delta" else method, pre_num=-1, rank=4, **delta))
+    perturb_adapter(adapter)  # after the step-K snapshot: B A differs from B_K A_K
+    linked = 0
+    for block in adapter.blocks.values():
+        x = torch.randn(2, 3, block.in_features, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            torch.testing.assert_close(block(x), x @ block.delta_weight().T, rtol=1e-5, atol=1e-6)
+        linked += bool(block.previous)
+    assert linked > 0 if method == "bs" else linked == 0
 
 
 def saved_activation_bytes(model, inputs) -> int:
@@ -173,7 +189,7 @@ def saved_activation_bytes(model, inputs) -> int:
 def test_bs_keeps_nothing_per_token_beyond_what_lora_keeps(pre_num, dense, monkeypatch):
     """A `bs` block's rank-(m+1)·r product is recomputed in backward or applied as a dense ΔW, never stored:
     with either evaluation order, what `bs` keeps beyond LoRA does not grow with the number of tokens."""
-    monkeypatch.setattr(blocks, "_bs_dense_is_cheaper", lambda *_: dense)
+    monkeypatch.setattr(variants, "bs_dense_is_cheaper", lambda *_: dense)
     extra = []
     for batch in (2, 8):
         saved = {}
