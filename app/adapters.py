@@ -17,12 +17,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import SafetensorError, safe_open
-
 import runs as run_folders
 from paths import resolve_inside, walk_inside
+from safetensors import SafetensorError, safe_open
+
+from reslora_diffusers.adapters.io import CONFIG_NAME, WEIGHTS_NAME
 from reslora_diffusers.cli import first_line
-from reslora_diffusers.io import CONFIG_NAME, WEIGHTS_NAME
 from reslora_diffusers.pipeline_io import UserInputError
 
 DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
@@ -48,10 +48,6 @@ class AdapterSource:
     def choice_label(self) -> str:
         rank = f", rank {self.config.get('rank')}" if self.config else ""
         return f"{self.label} ({self.method}{rank})"
-
-    @property
-    def is_plain_lora(self) -> bool:
-        return self.method == "LoRA" or not self.is_native
 
 
 def lora_file_kind(path: Path) -> str | None:

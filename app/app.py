@@ -25,6 +25,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home: the
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from paths import check_root  # noqa: E402  (light: the heavy imports wait until the arguments are known good)
+
 from reslora_diffusers.cli import OneLineErrorParser, default_threads, exit_with_error  # noqa: E402
 from reslora_diffusers.pipeline_io import UserInputError  # noqa: E402
 
@@ -114,11 +115,11 @@ def main(argv=None) -> int:
     import logging
 
     import torch
-
     from generation import Comparer, Limits
     from page import CSS, THEME, Folders, Handlers, build_demo
-    from reslora_diffusers.pipeline_io import load_pipeline, quiet_libraries
     from training_jobs import TrainingQueue
+
+    from reslora_diffusers.pipeline_io import load_pipeline, quiet_libraries
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)

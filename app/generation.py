@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from adapters import AdapterSource, adapter_at, users_lora
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -29,7 +30,6 @@ from diffusers import (
 )
 from PIL import Image
 
-from adapters import AdapterSource, adapter_at, users_lora
 from reslora_diffusers import load_adapter
 from reslora_diffusers.formats import LoRAFactors
 from reslora_diffusers.merge import MERGE_METHODS, baked_weights, merge_adapter
@@ -111,26 +111,13 @@ def _integer(value, name: str) -> int:
 @contextlib.contextmanager
 def native_strength(adapter, strength: float) -> Iterator[None]:
     """A native adapter's unmerged branches at `strength` (1: as trained, 0: the base model alone)."""
-    if hasattr(adapter, "set_scale"):
-        previous = adapter.scale
-        adapter.set_scale(strength)
-        try:
-            yield
-        finally:
-            adapter.set_scale(previous)
-        return
-    # Until the adapter has its own scale knob: every branch output is linear in its block's scaling, but
-    # Delta-LoRA's move of the frozen weights is not a branch.
-    if strength != 1 and adapter.delta_lora is not None:
-        raise UserInputError("Delta-LoRA adapters run unmerged at strength 1 only (merged: any strength)")
-    saved = {name: block.scaling for name, block in adapter.blocks.items()}
+    saved = {name: block.scale for name, block in adapter.blocks.items()}
+    adapter.set_scale(strength)
     try:
-        for name, block in adapter.blocks.items():
-            block.scaling = saved[name] * strength
         yield
     finally:
         for name, block in adapter.blocks.items():
-            block.scaling = saved[name]
+            block.scale = saved[name]
 
 
 def scaled_factors(factors: dict[str, LoRAFactors], strength: float) -> dict[str, LoRAFactors]:

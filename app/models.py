@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import SafetensorError, safe_open
-
 import runs as run_folders
 from paths import resolve_inside, walk_inside
+from safetensors import SafetensorError, safe_open
+
 from reslora_diffusers.pipeline_io import UserInputError
 
 MODEL_INDEX = "model_index.json"

@@ -15,23 +15,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import adapters as adapter_sources
 import gradio as gr
 import pandas as pd
-
-import adapters as adapter_sources
 import runs as run_folders
 from generation import MODEL_DEFAULT, Cancelled, Comparer, Sampling, Setting
 from grid import difference_image, parse_list, settings_product
 from image_files import image_name, parameters_text, save_png, slug
 from models import discover_models, model_at
 from paths import resolve_inside
-from reslora_diffusers.caption_folder import is_training_folder
-from reslora_diffusers.image_grid import labelled_grid
+from training_jobs import METHODS, TrainingQueue, TrainingSettings, log_tail
+
 from reslora_diffusers.cli import first_line
+from reslora_diffusers.data.caption_folder import is_training_folder
+from reslora_diffusers.image_grid import labelled_grid
 from reslora_diffusers.merge import MERGE_METHODS
 from reslora_diffusers.pipeline_io import UserInputError
-from reslora_diffusers.race_plot import race_curves, race_figure
-from training_jobs import METHODS, TrainingQueue, TrainingSettings, log_tail
+from reslora_diffusers.training.race_plot import race_curves, race_figure
 
 logger = logging.getLogger("reslora_app")
 PROGRESS_INTERVAL_S = 0.25  # at most four progress updates a second reach the page

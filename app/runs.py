@@ -2,7 +2,7 @@
 
 A run folder holds a native adapter (`reslora_config.json` + `reslora_adapter.safetensors`) and, when it came from
 `train_text_to_image.py` or `scripts/train_demo_adapters.py`, its `metrics.jsonl`, `training_summary.json` and
-one or more `*.merge_report.json` fidelity reports (the format of `reslora_diffusers.merge_cli`).
+one or more `*.merge_report.json` fidelity reports (the format of `reslora_diffusers.merge.cli`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from paths import resolve_inside, walk_inside
-from reslora_diffusers.io import CONFIG_NAME
+
+from reslora_diffusers.adapters.io import CONFIG_NAME
 from reslora_diffusers.pipeline_io import UserInputError
 
 logger = logging.getLogger(__name__)

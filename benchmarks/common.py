@@ -10,9 +10,9 @@ Method keys (as given to `--methods`):
     bs_mK      the same with pre_num = K (a small value, e.g. bs_m1); likewise ms_mK
     delta      Delta-LoRA on plain LoRA
 
-Variants (suffixes, for our adapters; issue 17): `_nokv` leaves the cross-attention to_k / to_v blocks
+Variants (suffixes, for our adapters): `_nokv` leaves the cross-attention to_k / to_v blocks
 unlinked (is / ms / bs); `_anneal` anneals the shortcut terms to 0 over the end of training (is / ms / bs,
-see reslora_diffusers/annealing.py), so the trained model merges exactly; a final `+` trains with LoRA+
+see reslora_diffusers/adapters/annealing.py), so the trained model merges exactly; a final `+` trains with LoRA+
 (B at a higher learning rate than A). E.g. `lora+`, `ms+`, `is_nokv`, `ms_anneal`, `ms_nokv_anneal+`.
 """
 
@@ -33,7 +33,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from reslora_diffusers import ResLoRAAdapter, ResLoRAConfig, apply_reslora
-from reslora_diffusers.lora_plus import lora_plus_param_groups
+from reslora_diffusers.training.lora_plus import lora_plus_param_groups
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 _SHORTCUT_KEY = re.compile(r"^(bs|ms)_m(\d+)$")

@@ -1,6 +1,6 @@
 """Does ResLoRA converge faster, and does the gain survive the merge? Noto → Twemoji adaptation of the tiny emoji base.
 
-    python benchmarks/convergence.py --quick                 # CPU: the reduced setting (issue 17's study)
+    python benchmarks/convergence.py --quick                 # CPU: the reduced setting (the merge-aware study)
     python benchmarks/convergence.py --device cuda           # the full setting (GPU)
 
 Every method (see benchmarks/common.py: LoRA, LoRA+, ResLoRA is / bs / ms, their `_nokv` / `_anneal` / `+`
@@ -48,9 +48,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import AdapterSettings, attach, machine_info, parse_methods  # noqa: E402
 from benchmarks.convergence_stats import summarise  # noqa: E402
-from reslora_diffusers.annealing import DEFAULT_ANNEAL_FRACTION, shortcut_anneal_factor  # noqa: E402
+from reslora_diffusers.adapters.annealing import DEFAULT_ANNEAL_FRACTION, shortcut_anneal_factor  # noqa: E402
 from reslora_diffusers.cli import exit_with_error  # noqa: E402
-from reslora_diffusers.emoji_data import load_split  # noqa: E402
+from reslora_diffusers.examples.emoji_data import load_split  # noqa: E402
 from reslora_diffusers.merge import (  # noqa: E402
     MERGE_METHODS,
     alpha_statistics,

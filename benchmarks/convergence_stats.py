@@ -1,4 +1,4 @@
-"""The statistics of `convergence.py` (issue 17): seed means, sample std, paired differences to LoRA with a
+"""The statistics of `convergence.py`: seed means, sample std, paired differences to LoRA with a
 95 % t-interval, monotone-smoothed curves and steps-to-target measures robust to one noisy evaluation."""
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def summarise(runs: list[dict], args, steps: list[int]) -> dict:
             "merged_vs_lora": merged_vs_lora,
             "gain_over_lora_unmerged": gain,
             "merge_gap": gap,
-            # Issue 17's bar: the merge keeps at least 90 % of the gain, and the merged model is not above LoRA.
+            # The bar: the merge keeps at least 90 % of the gain, and the merged model is not above LoRA.
             "merge_keeps_90pct_of_gain": gain > 0 and gap <= 0.1 * gain,
             "merged_at_or_below_lora": merged_vs_lora["mean"] <= 0,
             "steps_to_lora_final_unmerged": steps_to_lora(steps, lora_curve, mean_curve(paired)),

@@ -49,8 +49,8 @@ from benchmarks.common import (  # noqa: E402
     release_memory,
     timed,
 )
+from reslora_diffusers.adapters.sdxl import probe_added_conditions  # noqa: E402
 from reslora_diffusers.merge import merge_adapter, merge_into_base  # noqa: E402
-from reslora_diffusers.sdxl import probe_added_conditions  # noqa: E402
 
 DEFAULT_METHODS = "floor,peft,lora,is,bs,bs_m1,ms,ms_m1,delta"
 TINY_CONFIG_PATH = Path(__file__).resolve().parents[1] / "assets" / "tiny-emoji-sd" / "unet" / "config.json"

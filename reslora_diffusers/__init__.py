@@ -7,18 +7,18 @@
 
 from importlib import import_module
 
-# Names are imported on first use (PEP 562): a command line importing a light submodule (`config`, `cli`,
-# `run_safety`) checks its arguments before torch and diffusers load, which takes seconds to a minute.
+# Names are imported on first use (PEP 562): a command line importing a light submodule (`adapters.config`, `cli`,
+# `training.run_safety`) checks its arguments before torch and diffusers load, which takes seconds to a minute.
 _EXPORTS = {
-    "AdapterMismatchError": "adapter",
-    "ResLoRAAdapter": "adapter",
-    "apply_reslora": "adapter",
-    "ResLoRABlock": "blocks",
-    "ResLoRAConfig": "config",
-    "load_adapter": "io",
-    "save_adapter": "io",
-    "ResLoRAAttnProcessor": "processor",
-    "ProcessorsReplacedError": "processor",
+    "AdapterMismatchError": "adapters.adapter",
+    "ResLoRAAdapter": "adapters.adapter",
+    "apply_reslora": "adapters.adapter",
+    "ResLoRABlock": "adapters.blocks",
+    "ResLoRAConfig": "adapters.config",
+    "load_adapter": "adapters.io",
+    "save_adapter": "adapters.io",
+    "ResLoRAAttnProcessor": "adapters.processor",
+    "ProcessorsReplacedError": "adapters.processor",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -10,8 +10,9 @@ import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .cli import first_line
+from reslora_diffusers.cli import first_line
 
+PIPELINE_FACTOR = 8  # diffusers' pipelines refuse heights and widths that are not multiples of 8
 HUB_TIMEOUT_S = 5.0
 
 

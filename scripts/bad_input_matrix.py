@@ -192,7 +192,7 @@ def main() -> int:
     set_threads(1)
     start = time.perf_counter()
     script = load_training_script()
-    from reslora_diffusers.merge_cli import main as merge_main
+    from reslora_diffusers.merge.cli import main as merge_main
 
     rows = []
     with tempfile.TemporaryDirectory() as folder:

@@ -7,7 +7,7 @@
 Fetches ``emoji-datasource-google`` and ``emoji-datasource-twitter`` (MIT; images Apache-2.0 Noto and
 CC-BY-4.0 Twemoji) with ``npm pack`` into ``--cache_dir``, composites the 64-px RGBA PNGs onto white
 and writes one imagefolder per style (``metadata.jsonl`` with ``file_name``, ``text``, ``split``).
-The train / held-out split is the fixed one of ``reslora_diffusers.emoji_data.is_heldout``.
+The train / held-out split is the fixed one of ``reslora_diffusers.examples.emoji_data.is_heldout``.
 Optional outputs: ``--write_sample`` a small Twemoji fine-tuning set of train-split names, and
 ``--write_eval_reference`` all Noto images at 32 px in one compressed array (for the base-model test).
 """
@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from reslora_diffusers.atomic import atomic_write_folder, atomic_write_text  # noqa: E402
-from reslora_diffusers.emoji_data import (  # noqa: E402
+from reslora_diffusers.examples.emoji_data import (  # noqa: E402
     clean_caption,
     sample_order_key,
     split_of,

@@ -70,8 +70,8 @@ def main(argv=None) -> int:
     from benchmarks.convergence import load_images, train_style_classifier
     from reslora_diffusers import load_adapter
     from reslora_diffusers.atomic import atomic_write, atomic_write_text
-    from reslora_diffusers.emoji_data import load_split
-    from reslora_diffusers.emoji_eval import load_reference, reconstruction_psnr, retrieval_ranks, summarize_ranks
+    from reslora_diffusers.examples.emoji_data import load_split
+    from reslora_diffusers.examples.emoji_eval import load_reference, reconstruction_psnr, retrieval_ranks, summarize_ranks
 
     torch.set_num_threads(args.threads)
     out_dir = REPO / args.out_dir

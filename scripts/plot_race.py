@@ -3,7 +3,7 @@
     python scripts/plot_race.py outputs/race-none outputs/race-is --output race.png
 
 Solid: the training-time model; dashed: the model after the run's merge (the one users deploy); left against
-optimizer steps, right against wall time (`reslora_diffusers/race_plot.py`). Prints the last point of each run.
+optimizer steps, right against wall time (`reslora_diffusers/training/race_plot.py`). Prints the last point of each run.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from reslora_diffusers.cli import exit_with_error  # noqa: E402
-from reslora_diffusers.race_plot import method_label, race_curves, race_figure  # noqa: E402
+from reslora_diffusers.training.race_plot import method_label, race_curves, race_figure  # noqa: E402
 
 
 def main(argv=None) -> None:

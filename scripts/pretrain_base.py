@@ -64,8 +64,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from reslora_diffusers.atomic import atomic_write_folder  # noqa: E402
-from reslora_diffusers.emoji_data import load_split  # noqa: E402
-from reslora_diffusers.emoji_eval import reconstruction_psnr  # noqa: E402
+from reslora_diffusers.examples.emoji_data import load_split  # noqa: E402
+from reslora_diffusers.examples.emoji_eval import reconstruction_psnr  # noqa: E402
 
 CLIP_SPLIT_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -516,7 +516,7 @@ def make_pipeline(vae, text_encoder, tokenizer, unet):
 @torch.no_grad()
 def retrieval_of(pipe) -> dict:
     """The tested measure (tests/test_embedded_default.py): 48 train prompts, 8 steps, guidance 3, seed 0."""
-    from reslora_diffusers.emoji_eval import load_reference, retrieval_ranks, summarize_ranks
+    from reslora_diffusers.examples.emoji_eval import load_reference, retrieval_ranks, summarize_ranks
 
     pipe.unet.eval()
     pipe.text_encoder.eval()

@@ -24,14 +24,15 @@ from PIL import Image
 from tiny_models import perturb_adapter, tiny_pipeline, tiny_unet
 
 from reslora_diffusers import ResLoRAConfig, apply_reslora, save_adapter
-from reslora_diffusers.merge_cli import main as merge_cli
+from reslora_diffusers.merge.cli import main as merge_cli
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "app"))
 import grid as grids  # noqa: E402
-from reslora_diffusers import image_grid  # noqa: E402
 import image_files  # noqa: E402
 import runs as run_folders  # noqa: E402
+
+from reslora_diffusers import image_grid  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -556,10 +557,10 @@ def test_browser_training_run_appears_in_the_run_list_with_its_loss_curve(page, 
 
 
 def test_browser_race_of_lora_and_reslora_plots_both_validation_losses(page, setup):
-    """Issue 24: a race from the Train tab: LoRA and ResLoRA `is` trained side by side on the same data and seed, each
+    """A race from the Train tab: LoRA and ResLoRA `is` trained side by side on the same data and seed, each
     with a validation loss on the same held-out image; one plot of both (training-time and merged), both runs'
     newest validation images, and the same plot in the Runs tab once they are done."""
-    from reslora_diffusers.race_plot import race_curves
+    from reslora_diffusers.training.race_plot import race_curves
 
     page.reload()
     page.get_by_role("tab", name="Train").click()

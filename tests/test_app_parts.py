@@ -16,12 +16,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "app"))
 import adapters as adapter_sources  # noqa: E402
 import grid as grids  # noqa: E402
-from reslora_diffusers import image_grid  # noqa: E402
 import image_files  # noqa: E402
 import models as base_models  # noqa: E402
 import runs as run_folders  # noqa: E402
 from paths import check_root, resolve_inside  # noqa: E402
 
+from reslora_diffusers import image_grid  # noqa: E402
 from reslora_diffusers.pipeline_io import UserInputError  # noqa: E402
 
 

@@ -13,7 +13,7 @@ from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusio
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from reslora_diffusers.emoji_data import split_of, write_metadata
+from reslora_diffusers.examples.emoji_data import split_of, write_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 LETTERS = "abcdefghijklmnopqrstuvwxyz"

@@ -1,4 +1,4 @@
-"""Issue 22: nothing of the user's is deleted, overwritten or misrecorded; garbage is never trained on; bad input
+"""Nothing of the user's is deleted, overwritten or misrecorded; garbage is never trained on; bad input
 gets one `error:` line.
 
 Each test names the defect it guards against; every one of them failed on the code before the fix (the issue's
@@ -33,14 +33,14 @@ from test_train_script import (
     tiny_args,
     write_imagefolder,
 )
+from tiny_models import perturb_adapter, tiny_pipeline, tiny_sdxl_pipeline, unet_inputs
 
 from reslora_diffusers import ResLoRAConfig, apply_reslora, save_adapter
-from reslora_diffusers.caption_folder import load_local_folder
+from reslora_diffusers.data.caption_folder import load_local_folder
+from reslora_diffusers.data.dataset import DatasetError, Example, ImageTransform, load_imagefolder
 from reslora_diffusers.formats import load_kohya_lora, lora_delta
-from reslora_diffusers.merge_cli import main as merge_main
-from reslora_diffusers.merge_cli import parse_args as merge_parse_args
-from reslora_diffusers.training_data import DatasetError, Example, ImageTransform, load_imagefolder
-from tiny_models import perturb_adapter, tiny_pipeline, tiny_sdxl_pipeline, unet_inputs
+from reslora_diffusers.merge.cli import main as merge_main
+from reslora_diffusers.merge.cli import parse_args as merge_parse_args
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +205,7 @@ def test_overwrite_removes_what_the_run_wrote_and_nothing_else(tiny, tmp_path, c
     assert (out / "notes.txt").read_text() == "keep"
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"] and summary(out)["global_step"] == 1
     assert not (out / "checkpoint-1" / "mine.txt").exists()  # the old run's checkpoint went as a whole
-    from reslora_diffusers.run_folder import MANIFEST_NAME
+    from reslora_diffusers.training.run_folder import MANIFEST_NAME
 
     owned = json.loads((out / MANIFEST_NAME).read_text())["owned"]
     assert "notes.txt" not in owned and "README.md" in owned and "checkpoint-*" in owned
@@ -226,7 +226,7 @@ def test_output_inside_the_data_or_the_base_is_refused(tiny, tmp_path, capsys, i
 def test_a_second_live_run_in_the_same_folder_is_refused(tiny, tmp_path, capsys):
     """Before: two runs started into one folder at the same time both exited 0, and the first one's summary listed
     files that then held the second run."""
-    from reslora_diffusers.run_folder import RunLock, release_run_locks
+    from reslora_diffusers.training.run_folder import RunLock, release_run_locks
 
     out = tmp_path / "busy"
     out.mkdir()
@@ -486,7 +486,7 @@ def test_sdxl_first_text_encoder_has_no_blocks_in_its_unread_last_layer():
     # every remaining block gets a gradient
     length = min(pipe.text_encoder.config.max_position_embeddings, pipe.text_encoder_2.config.max_position_embeddings)
     ids = torch.randint(0, 50, (1, length), generator=torch.Generator().manual_seed(0))
-    from reslora_diffusers.sdxl import encode_prompt
+    from reslora_diffusers.adapters.sdxl import encode_prompt
 
     hidden, pooled = encode_prompt(pipe.text_encoder, pipe.text_encoder_2, ids, ids)
     (hidden.sum() + pooled.sum()).backward()
@@ -522,7 +522,7 @@ def test_a_full_disk_during_a_merge_is_one_line(merge_inputs, tmp_path, capsys, 
     """Before: a full disk while writing ended the merge in a traceback."""
     import errno
 
-    import reslora_diffusers.merge_cli as merge_cli
+    import reslora_diffusers.merge.cli as merge_cli
 
     def full(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "k.safetensors"))

@@ -1,4 +1,4 @@
-"""Issue 16: caption-file folders (kohya layout, `N_name` repeats), caption randomness, aspect-ratio buckets,
+"""Caption-file folders (kohya layout, `N_name` repeats), caption randomness, aspect-ratio buckets,
 cached latents / text embeddings and config files, on their own and through `train_text_to_image.py`."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_train_script import ACCELERATE, _load_script, build_tiny_pipeline, check, run, run_in_process
 
-from reslora_diffusers.buckets import BucketBatchSampler, BucketLayout, bucket_sizes
-from reslora_diffusers.caption_folder import load_local_folder
-from reslora_diffusers.training_data import CaptionOptions, DatasetError, ImageCaptionDataset, ImageTransform
+from reslora_diffusers.data.buckets import BucketBatchSampler, BucketLayout, bucket_sizes
+from reslora_diffusers.data.caption_folder import load_local_folder
+from reslora_diffusers.data.dataset import CaptionOptions, DatasetError, ImageCaptionDataset, ImageTransform
 
 
 # -- a kohya-style example folder -----------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def test_batches_never_mix_shapes_and_processes_get_the_same_shape():
 def test_items_carry_sdxl_size_and_crop_for_their_bucket():
     """SDXL's conditioning of a bucketed example: original (h, w), the crop's (top, left) in the resized image
     (measured in the flipped image when flipped) and the bucket's (h, w), not the square resolution."""
-    from reslora_diffusers.training_data import Example
+    from reslora_diffusers.data.dataset import Example
 
     example = Example(Image.new("RGB", (100, 30)), ("wide",))  # resized to 107×32 for a 96×32 bucket: 11 spare columns
     for flip, left in ((False, 5), (True, 6)):

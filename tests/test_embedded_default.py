@@ -14,14 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from reslora_diffusers.emoji_eval import load_reference, retrieval_ranks, summarize_ranks
-from reslora_diffusers.emoji_data import (
+from reslora_diffusers.examples.emoji_data import (
     HELDOUT_FRACTION,
     clean_caption,
     is_heldout,
     load_split,
     split_of,
 )
+from reslora_diffusers.examples.emoji_eval import load_reference, retrieval_ranks, summarize_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "assets" / "tiny-emoji-sd"

@@ -12,8 +12,18 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tiny_models import (
+    CROSS_DIM,
+    MAX_TOKENS,
+    perturb_adapter,
+    sd15_shaped_unet,
+    tiny_pipeline,
+    tiny_text_encoder,
+    tiny_vae,
+    token_ids,
+)
 
-from reslora_diffusers import formats
+from reslora_diffusers import ResLoRAConfig, apply_reslora, formats
 from reslora_diffusers.formats import (
     LoRAFactors,
     kohya_base_model_version,
@@ -28,18 +38,7 @@ from reslora_diffusers.formats import (
     single_file_state_dict,
     unet_path_to_ldm,
 )
-from reslora_diffusers import ResLoRAConfig, apply_reslora
 from reslora_diffusers.merge import baked_weights, merge_adapter, relative_error
-from tiny_models import (
-    CROSS_DIM,
-    MAX_TOKENS,
-    perturb_adapter,
-    sd15_shaped_unet,
-    tiny_pipeline,
-    tiny_text_encoder,
-    tiny_vae,
-    token_ids,
-)
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -189,7 +188,7 @@ def test_kohya_lora_loads_in_diffusers_at_every_modules_strength(pipeline_dir, c
 
 
 def test_bs_kohya_export_loaded_by_diffusers_reproduces_the_merged_model(pipeline_dir, tmp_path):
-    """A bs merge's rank grows along each chain, so its modules have different alphas (issue 12, item 11)."""
+    """A bs merge's rank grows along each chain, so its modules have different alphas."""
     pipe = load_pipeline(pipeline_dir)
     config = ResLoRAConfig(res_type="bs", rank=2, lora_alpha=4.0)
     adapter = apply_reslora(pipe.unet, config, text_encoder=pipe.text_encoder)
@@ -229,7 +228,7 @@ def test_kohya_metadata(cases, tmp_path):
 
 
 def test_kohya_base_model_version_follows_the_base(cases, tmp_path):
-    """SD-2's text encoder is OpenCLIP ViT-H (gelu); its exports must not be labelled sd_v1 (issue 11)."""
+    """SD-2's text encoder is OpenCLIP ViT-H (gelu); its exports must not be labelled sd_v1."""
     factors = cases["uniform"][0]
     unet_config = dict(tiny_pipeline().unet.config)
     sd1_text, sd2_text = {"hidden_act": "quick_gelu"}, {"hidden_act": "gelu"}

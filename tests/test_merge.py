@@ -1,8 +1,9 @@
-"""The merge step (issue 5), library level: exact merges, α estimators, baking, re-compression."""
+"""The merge step, library level: exact merges, α estimators, baking, re-compression."""
 
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
+from tiny_models import perturb_adapter, tiny_text_encoder, tiny_unet, token_ids, unet_inputs
 
 from reslora_diffusers import ResLoRAConfig, apply_reslora
 from reslora_diffusers.formats import LoRAFactors, lora_delta
@@ -16,7 +17,6 @@ from reslora_diffusers.merge import (
     truncate_rank,
     weight_based_alphas,
 )
-from tiny_models import perturb_adapter, tiny_text_encoder, tiny_unet, token_ids, unet_inputs
 
 
 def trained_adapter(config, steps=2):

@@ -1,4 +1,4 @@
-"""Merge-aware training (issue 17): shortcut annealing, calibrated / joint-lstsq merges, cross-attention links, LoRA+."""
+"""Merge-aware training: shortcut annealing, calibrated / joint-lstsq merges, cross-attention links, LoRA+."""
 
 import math
 
@@ -8,19 +8,19 @@ from test_merge import outputs, run_pipeline_like, trained_adapter
 from tiny_models import tiny_text_encoder, tiny_unet
 
 from reslora_diffusers import ResLoRAConfig, apply_reslora, load_adapter, save_adapter
-from reslora_diffusers.annealing import shortcut_anneal_factor
-from reslora_diffusers.lora_plus import lora_plus_param_groups
+from reslora_diffusers.adapters.annealing import shortcut_anneal_factor
 from reslora_diffusers.merge import (
     baked_weights,
     is_exact,
     merge_adapter,
     relative_error,
 )
-from reslora_diffusers.merge_calibration import (
+from reslora_diffusers.merge.calibration import (
     alpha_merged_down,
     collect_layer_statistics,
     relative_layer_error,
 )
+from reslora_diffusers.training.lora_plus import lora_plus_param_groups
 
 
 def calibration_run(adapter, seeds=range(3)):

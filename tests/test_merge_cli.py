@@ -9,11 +9,11 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
+from tiny_models import perturb_adapter, tiny_pipeline, unet_inputs
 
 from reslora_diffusers import ResLoRAConfig, apply_reslora, save_adapter
 from reslora_diffusers.merge import image_psnr
-from reslora_diffusers.merge_cli import main
-from tiny_models import perturb_adapter, tiny_pipeline, unet_inputs
+from reslora_diffusers.merge.cli import main
 
 PROMPTS = ["a b c", "hello"]
 STEPS = "4"
@@ -154,8 +154,8 @@ def test_bad_input_gives_one_clear_line_and_writes_nothing(base_dir, is_adapter,
 
 def test_threads_flag_sets_torch_threads_and_has_a_sane_default(base_dir, is_adapter, tmp_path, monkeypatch):
     """--threads N runs the merge with N torch threads; the default leaves half the cores free (at most 4)."""
-    from reslora_diffusers import merge_cli
     from reslora_diffusers.cli import default_threads
+    from reslora_diffusers.merge import cli as merge_cli
 
     seen = []
     monkeypatch.setattr(merge_cli, "run", lambda args: seen.append((args.threads, torch.get_num_threads())))
@@ -194,7 +194,7 @@ def test_export_rank_above_the_merged_rank_reports_the_rank_written(base_dir, is
 def test_a_config_edited_to_another_res_type_is_named_as_such(tmp_path):
     """Chains saved for `is` (split by input shape) do not fit a config edited to `bs`: the message says so,
     instead of blaming a different base model."""
-    from reslora_diffusers.io import _check_chains_match_config
+    from reslora_diffusers.adapters.io import _check_chains_match_config
 
     layer = {"target": "to_q", "in_features": 16, "out_features": 16}
     metadata = {

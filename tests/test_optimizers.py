@@ -19,7 +19,7 @@ from test_train_script import (
     write_imagefolder,
 )
 
-from reslora_diffusers.optimizers import evaluation_weights, optimizer_name
+from reslora_diffusers.training.optimizers import evaluation_weights, optimizer_name
 
 
 @pytest.fixture(scope="module")

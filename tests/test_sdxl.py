@@ -7,6 +7,7 @@ from diffusers import StableDiffusionXLPipeline
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file
+from tiny_models import MAX_TOKENS, perturb_adapter, sdxl_unet_inputs, tiny_pipeline, tiny_sdxl_pipeline, token_ids
 
 from reslora_diffusers import AdapterMismatchError, ResLoRAConfig, apply_reslora, load_adapter, save_adapter
 from reslora_diffusers.formats import (
@@ -18,7 +19,6 @@ from reslora_diffusers.formats import (
     single_file_state_dict,
 )
 from reslora_diffusers.merge import baked_weights, merge_adapter, merge_into_base, relative_error
-from tiny_models import MAX_TOKENS, perturb_adapter, sdxl_unet_inputs, tiny_pipeline, tiny_sdxl_pipeline, token_ids
 
 VARIANTS = {
     "none": ResLoRAConfig(res_type="none", rank=2),
@@ -223,8 +223,8 @@ def test_size_and_crop_conditioning_of_a_training_image():
     """SDXL's micro-conditioning: original (h, w), the crop's (top, left) in the resized image, target size."""
     from PIL import Image
 
-    from reslora_diffusers.sdxl import SDXLConditioning
-    from reslora_diffusers.training_data import ImageTransform
+    from reslora_diffusers.adapters.sdxl import SDXLConditioning
+    from reslora_diffusers.data.dataset import ImageTransform
 
     image = Image.new("RGB", (48, 40))  # width 48, height 40 -> resized to 38 x 32, centre crop 3 px from the left
     pixels, original, crop = ImageTransform(32, center_crop=True, random_flip=False).with_geometry(image, torch.Generator())

@@ -1,4 +1,4 @@
-"""`train_text_to_image.py` (issue 4): every output of a default run, exact resume, crash safety, DDP on CPU,
+"""`train_text_to_image.py`: every output of a default run, exact resume, crash safety, DDP on CPU,
 mixed precision, non-finite losses and bad input.
 
 The script runs as a subprocess (as users run it) on a tiny pipeline built here from configs; the default-run
@@ -173,7 +173,7 @@ def test_default_run_writes_every_output(tmp_path):
     # Paths relative to the card's folder (it can be moved or uploaded), and the merge method the export used.
     assert str(tmp_path) not in card and "load_lora_weights(\".\")" in card
     assert f'from_pretrained("{os.path.relpath(ROOT / "assets" / "tiny-emoji-sd", out)}")' in card
-    # `is` keeps its shortcuts to the end and is exported with the calibrated merge, the best measured (issue 17).
+    # `is` keeps its shortcuts to the end and is exported with the calibrated merge, the best measured.
     assert summary(out)["merge"] == "calibrated"
     assert (out / "checkpoint-2" / "reslora_checkpoint.json").is_file() and (out / "checkpoint-3").is_dir()
     for label in ("native adapter", "diffusers LoRA", "kohya", "model card", "validation grids", "metrics", "tensorboard"):
@@ -200,7 +200,7 @@ def test_resume_gives_the_same_adapter_as_a_straight_run(tiny, tmp_path):
 
 
 def test_annealed_lora_plus_run_ends_as_a_plain_lora_with_an_exact_merge(tiny, tmp_path):
-    """Issue 17: --shortcut_anneal_fraction takes the ms shortcuts to 0 by the last step, so the export is exact;
+    """`--shortcut_anneal_fraction` takes the ms shortcuts to 0 by the last step, so the export is exact;
     --lora_plus_ratio and --no_cross_attention_shortcuts reach the optimizer and the saved config."""
     out = tmp_path / "annealed"
     flags = ["--res_type", "ms", "--shortcut_anneal_fraction", "0.5", "--lora_plus_ratio", "4", "--no_cross_attention_shortcuts",

@@ -9,7 +9,6 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
-
 from test_train_script import adapter, check, run, summary, write_imagefolder
 from tiny_models import tiny_sdxl_pipeline
 

@@ -24,9 +24,14 @@ from test_train_script import (
 )
 
 from reslora_diffusers import load_adapter
-from reslora_diffusers.caption_folder import load_local_folder
+from reslora_diffusers.data.caption_folder import load_local_folder
+from reslora_diffusers.data.loader import split_held_out
 from reslora_diffusers.merge import merge_adapter
-from reslora_diffusers.validation_loss import ValidationLoss, spread_timesteps, split_held_out, trained_and_merged_losses
+from reslora_diffusers.training.validation_loss import (
+    ValidationLoss,
+    spread_timesteps,
+    trained_and_merged_losses,
+)
 
 FLAGS = ["--lr_scheduler", "constant", "--train_batch_size", "2", "--checkpointing_steps", "2", "--validation_loss_steps", "1"]
 

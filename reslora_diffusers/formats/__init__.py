@@ -5,12 +5,19 @@ module names), ``ldm_names`` (diffusers <-> LDM names), ``diffusers_lora``, ``ko
 (the writers / readers). Every function goes from state to a file (or back); none of them modifies a model.
 """
 
-from .diffusers_lora import DIFFUSERS_LORA_WEIGHT_NAME, save_diffusers_lora
-from .key_names import COMPONENTS, TEXT_COMPONENTS, canonical_key, is_sdxl_unet, kohya_name, kohya_name_to_key
-from .kohya_lora import kohya_base_model_version, kohya_model_configs, load_kohya_lora, save_kohya_lora
-from .ldm_names import ldm_path_to_unet, unet_path_to_ldm
-from .lora_factors import LoRAFactors, lora_delta
-from .single_file import save_single_file_checkpoint, single_file_state_dict
+from reslora_diffusers.formats.diffusers_lora import DIFFUSERS_LORA_WEIGHT_NAME, save_diffusers_lora
+from reslora_diffusers.formats.key_names import (
+    COMPONENTS,
+    TEXT_COMPONENTS,
+    canonical_key,
+    is_sdxl_unet,
+    kohya_name,
+    kohya_name_to_key,
+)
+from reslora_diffusers.formats.kohya_lora import kohya_base_model_version, kohya_model_configs, load_kohya_lora, save_kohya_lora
+from reslora_diffusers.formats.ldm_names import ldm_path_to_unet, unet_path_to_ldm
+from reslora_diffusers.formats.lora_factors import LoRAFactors, lora_delta
+from reslora_diffusers.formats.single_file import save_single_file_checkpoint, single_file_state_dict
 
 __all__ = [
     "COMPONENTS",

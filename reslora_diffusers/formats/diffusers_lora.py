@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from .key_names import CLIP_WRAPPER, COMPONENTS, TEXT_COMPONENTS, canonical_factors
-from .lora_factors import LoRAFactors
-from .safetensors_files import atomic_save, check_string_metadata
+from reslora_diffusers.formats.key_names import CLIP_WRAPPER, COMPONENTS, TEXT_COMPONENTS, canonical_factors
+from reslora_diffusers.formats.lora_factors import LoRAFactors
+from reslora_diffusers.formats.safetensors_files import atomic_save, check_string_metadata
 
 DIFFUSERS_LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 

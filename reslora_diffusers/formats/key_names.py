@@ -13,8 +13,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from .ldm_names import config_get, ldm_path_to_unet, unet_path_to_ldm
-from .lora_factors import LoRAFactors
+from reslora_diffusers.formats.ldm_names import config_get, ldm_path_to_unet, unet_path_to_ldm
+from reslora_diffusers.formats.lora_factors import LoRAFactors
 
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 COMPONENTS = ("unet", *TEXT_COMPONENTS)

@@ -13,11 +13,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .key_names import canonical_factors, is_sdxl_unet, kohya_name, kohya_name_to_key
-from .ldm_names import config_get
-from .lora_factors import LoRAFactors
-from .safetensors_files import atomic_save, check_string_metadata, require_suffix
-
+from reslora_diffusers.formats.key_names import canonical_factors, is_sdxl_unet, kohya_name, kohya_name_to_key
+from reslora_diffusers.formats.ldm_names import config_get
+from reslora_diffusers.formats.lora_factors import LoRAFactors
+from reslora_diffusers.formats.safetensors_files import atomic_save, check_string_metadata, require_suffix
 
 BASE_MODEL_VERSIONS = ("sd_v1", "sd_v2", "sdxl_base_v1-0")  # sd-scripts' ss_base_model_version values
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..atomic import atomic_write
+from reslora_diffusers.atomic import atomic_write
 
 
 def check_string_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:

@@ -6,12 +6,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-
 from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 
-from .key_names import CLIP_WRAPPER, is_sdxl_unet
-from .ldm_names import config_get, prefix_table, translate, unet_blocks, vae_blocks
-from .safetensors_files import atomic_save, require_suffix
+from reslora_diffusers.formats.key_names import CLIP_WRAPPER, is_sdxl_unet
+from reslora_diffusers.formats.ldm_names import config_get, prefix_table, translate, unet_blocks, vae_blocks
+from reslora_diffusers.formats.safetensors_files import atomic_save, require_suffix
 
 _LDM_PREFIX = {
     "unet": "model.diffusion_model.",

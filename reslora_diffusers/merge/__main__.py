@@ -1,0 +1,3 @@
+from reslora_diffusers.merge.cli import main
+
+raise SystemExit(main())
