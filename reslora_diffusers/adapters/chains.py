@@ -36,12 +36,22 @@ class ProbedLayer:
         }
 
 
+def run_with_pre_hooks(hooks: list[tuple[nn.Module, Callable]], run: Callable[[], object]) -> None:
+    """Runs `run` once without gradients with each (module, forward pre-hook) installed, and removes them after."""
+    handles = [module.register_forward_pre_hook(hook) for module, hook in hooks]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def probe_execution_order(
     layers: dict[str, tuple[str, nn.Linear]], run_forward: Callable[[], object]
 ) -> list[ProbedLayer]:
     """Runs `run_forward` once with hooks on `layers` ({name: (target, linear)}) and returns them in call order."""
     seen: dict[str, ProbedLayer] = {}
-    handles = []
 
     def make_hook(name: str, target: str, linear: nn.Linear):
         def hook(_module, args):
@@ -50,14 +60,8 @@ def probe_execution_order(
 
         return hook
 
-    for name, (target, linear) in layers.items():
-        handles.append(linear.register_forward_pre_hook(make_hook(name, target, linear)))
-    try:
-        with torch.no_grad():
-            run_forward()
-    finally:
-        for handle in handles:
-            handle.remove()
+    hooks = [(linear, make_hook(name, target, linear)) for name, (target, linear) in layers.items()]
+    run_with_pre_hooks(hooks, run_forward)
     missing = sorted(set(layers) - set(seen))
     if missing:
         raise RuntimeError(f"the probe forward pass never called these adapter targets: {missing[:5]}")

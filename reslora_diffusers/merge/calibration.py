@@ -23,6 +23,7 @@ import torch
 
 from reslora_diffusers.adapters.adapter import ResLoRAAdapter
 from reslora_diffusers.adapters.blocks import ResLoRABlock
+from reslora_diffusers.adapters.chains import run_with_pre_hooks
 
 RIDGE = 1e-3
 
@@ -128,13 +129,7 @@ def alpha_merged_down(block: ResLoRABlock, alphas: list[float]) -> torch.Tensor:
 
 def run_with_block_hooks(adapter: ResLoRAAdapter, make_hook: Callable, calibration: Callable[[], object]) -> None:
     """Runs `calibration` without gradients, with the forward pre-hook `make_hook(name, block)` on every block."""
-    handles = [block.register_forward_pre_hook(make_hook(name, block)) for name, block in adapter.blocks.items()]
-    try:
-        with torch.no_grad():
-            calibration()
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_pre_hooks([(block, make_hook(name, block)) for name, block in adapter.blocks.items()], calibration)
 
 
 def collect_layer_statistics(adapter: ResLoRAAdapter, calibration: Callable[[], object]) -> LayerStatistics:
