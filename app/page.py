@@ -264,9 +264,9 @@ class Handlers:
         browser shows last, the status line ends as "Cancelled", never stuck at "Cancelling…"."""
         if not self.comparer.busy:
             return gr.skip()  # nothing running: the last status ("Done.", an error) stays
-        if self.comparer.cancel(wait_s=CANCEL_WAIT_S):
+        if self.comparer.cancel(wait_s=CANCEL_WAIT_S) or not self.comparer.busy:  # stopped, or just after the wait
             return CANCELLED
-        return "Cancelling…"
+        return "Cancelling…"  # the job's own reply, "Cancelled", comes after this one
 
     def upload(self, file):
         try:
@@ -493,7 +493,7 @@ def build_demo(handlers: Handlers) -> gr.Blocks:
                     with gr.Row():
                         rank = gr.Number(label="Rank", value=4, precision=0, elem_id="train-rank")
                         train_steps = gr.Number(label="Steps", value=100, precision=0, elem_id="train-steps")
-                        learning_rate = gr.Number(label="Learning rate", value=5e-3, elem_id="train-lr")
+                        learning_rate = gr.Number(label="Learning rate", value=1e-3, elem_id="train-lr")
                     with gr.Row():
                         train_seed = gr.Number(label="Seed", value=0, precision=0, elem_id="train-seed")
                         checkpointing = gr.Number(label="Checkpoint every", value=50, precision=0, elem_id="train-checkpointing")

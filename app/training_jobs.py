@@ -34,7 +34,7 @@ class TrainingSettings:
     method: str = "is"
     rank: int = 4
     steps: int = 100
-    learning_rate: float = 5e-3
+    learning_rate: float = 1e-3
     seed: int = 0
     checkpointing_steps: int = 50
     validation_steps: int = 50

@@ -132,7 +132,7 @@ def training_cases(tmp: Path, used: Path) -> dict[str, list[str]]:
         "resume with other data": ["--output_dir", str(used), "--resume_from_checkpoint", "latest", "--train_data_dir", str(bad_data(tmp, "other")), *QUICK],
         "resume with nothing left to train": ["--output_dir", str(used), "--resume_from_checkpoint", "latest", *QUICK],
         "resume with another `--learning_rate`": ["--output_dir", str(used), "--resume_from_checkpoint", "latest",
-                                                  "--learning_rate", "1e-3", *QUICK],
+                                                  "--learning_rate", "2e-3", *QUICK],
         "weights that become NaN (`--learning_rate 1e6`)": ["--learning_rate", "1e6", "--lr_warmup_steps", "0", *QUICK[2:],
                                                             "--max_train_steps", "4", "--output_dir", str(tmp / "nan")],
     }

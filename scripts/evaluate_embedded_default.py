@@ -8,7 +8,9 @@ image), ``docs/demo_adapters.png`` (held-out prompts: base | LoRA | ResLoRA | tr
 - the base's nearest-Noto retrieval (48 train prompts, 8 DPM-Solver++ steps, guidance 3, seed 0: the
   measure ``tests/test_embedded_default.py`` asserts) and VAE reconstruction PSNR on held-out Noto images;
 - for each demo adapter on 48 held-out prompts (20 steps, guidance 3, seed 0): the Twemoji probability of
-  the benchmarks' style classifier and the mean absolute pixel change from the base image (0-255).
+  the benchmarks' style classifier and the mean absolute pixel change from the base image (0-255); and the
+  classifier's probability on the true Twemoji images of those prompts, as they are and through the VAE
+  (the ceiling of the measure).
 """
 
 from __future__ import annotations
@@ -121,8 +123,17 @@ def main(argv=None) -> int:
                              "mean_abs_change_from_base": float(delta)}
             columns[name] = images
             print(f"{name}: {results[name]}", flush=True)
-        report["demo_adapters_heldout"] = results
+        # The measure's ceiling: the true Twemoji images of the same prompts, as they are and through the VAE.
         twemoji = {r["text"]: r for r in load_split(REPO / args.twemoji_dir, split=None)}
+        true_images = load_images([twemoji[p] for p in heldout], 64)
+        with torch.no_grad():
+            x = torch.from_numpy(true_images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            decoded = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        through_vae = ((decoded + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        results["twemoji_true"] = {"p_twemoji": float(classifier.twemoji_probability(true_images).mean())}
+        results["twemoji_through_vae"] = {"p_twemoji": float(classifier.twemoji_probability(through_vae).mean())}
+        print(f"true Twemoji: {results['twemoji_true']}, through the VAE: {results['twemoji_through_vae']}", flush=True)
+        report["demo_adapters_heldout"] = results
         shown = heldout[:16]
         rows = [[base_images[i], columns["lora"][i], columns["reslora"][i], Image.open(twemoji[p]["path"]).convert("RGB")]
                 for i, p in enumerate(shown)]

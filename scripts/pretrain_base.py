@@ -133,6 +133,9 @@ def parse_args(argv=None):
     p.add_argument("--text_layers", type=int, default=3, help="text encoder layers")
     p.add_argument("--init_from", default=None,
                    help="continue from this pipeline folder (tokenizer, VAE, text encoder, UNet); the width flags are then ignored")
+    p.add_argument("--vae_extra_data", default=None,
+                   help="an imagefolder whose train-split images the VAE also trains on (e.g. Twemoji, so the decoder can draw "
+                        "the style an adapter moves towards); the UNet and the held-out PSNR stay on --data_dir")
     p.add_argument("--vae_train", choices=("full", "decoder"), default="full",
                    help="'decoder' freezes the VAE encoder, so the latents (and a UNet trained on them) stay valid")
     p.add_argument("--checkpoint_dir", default="data/pretrain_checkpoint",
@@ -629,7 +632,12 @@ def main(argv=None):
     psnr_before = reconstruction_psnr(vae.eval(), heldout_u8, device) if args.init_from else None
     vae_seconds = 0.0 if args.resume else args.vae_minutes * 60 - (time.time() - started)
     if vae_seconds > 0:
-        vae = train_vae(vae, images_u8, args, device, vae_seconds, log, heldout_u8)
+        vae_images = images_u8
+        if args.vae_extra_data:  # never its held-out split: those images are what adapters are judged on
+            extra = load_split(args.vae_extra_data, split="train")
+            vae_images = torch.cat([images_u8, load_images(extra)])
+            print(f"vae: {len(images_u8)} + {len(extra)} images ({args.vae_extra_data})", flush=True)
+        vae = train_vae(vae, vae_images, args, device, vae_seconds, log, heldout_u8)
     vae = vae.eval().requires_grad_(False)
     psnr_after = reconstruction_psnr(vae, heldout_u8, device)
     print(f"vae: held-out reconstruction PSNR {psnr_after:.2f} dB (before: {psnr_before})", flush=True)

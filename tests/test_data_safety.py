@@ -254,7 +254,7 @@ def stopped_run(tiny, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("change, message", [
-    (["--learning_rate", "1e-3"], "learning_rate: 0.005 → 0.001"),
+    (["--learning_rate", "2e-3"], "learning_rate: 0.001 → 0.002"),
     (["--lr_scheduler", "linear"], "lr_scheduler: 'cosine' → 'linear'"),
     (["--lr_warmup_steps", "5"], "lr_warmup_steps: 2 → 5"),
     (["--adam_weight_decay", "0.1"], "adam_weight_decay: 0.01 → 0.1"),

@@ -115,4 +115,4 @@ def test_the_learning_rate_default_follows_the_optimizer(tiny, tmp_path, capsys)
     assert args.learning_rate == 1.0 and args.lr_scheduler == "cosine"
     assert args.resolved_config["learning_rate"] == 1.0 and args.optimizer_settings["optimizer"] == "prodigy"
     args = _load_script().parse_args(tiny_args(tiny, tmp_path / "out", "--optimizer", "AdamWScheduleFree"))
-    assert args.optimizer == "schedulefree_adamw" and args.lr_scheduler == "constant" and args.learning_rate == 5e-3
+    assert args.optimizer == "schedulefree_adamw" and args.lr_scheduler == "constant" and args.learning_rate == 1e-3

@@ -2,7 +2,7 @@
 
 | name                 | package (extra)             | learning rate                                    |
 |----------------------|-----------------------------|--------------------------------------------------|
-| `adamw`              | torch                       | 5e-3 here (LoRA on the tiny base; SD-1.5: 1e-4)  |
+| `adamw`              | torch                       | 1e-3 here (LoRA on the tiny base; SD-1.5: 1e-4)  |
 | `adamw8bit`          | bitsandbytes                | as AdamW                                         |
 | `adafactor`          | transformers                | as AdamW (fixed step: no relative step, no scaling) |
 | `prodigy`            | prodigyopt                  | 1.0: Prodigy estimates the step size (no LoRA+)  |
