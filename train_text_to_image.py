@@ -39,7 +39,7 @@ from reslora_diffusers.adapters.config import MERGE_METHODS, RES_TYPES, ResLoRAC
 from reslora_diffusers.atomic import atomic_write_text
 from reslora_diffusers.cli import OneLineErrorParser, add_threads_argument, exit_with_error, set_threads
 from reslora_diffusers.data.dataset import INTERPOLATION_MODES
-from reslora_diffusers.data.options import add_data_arguments, check_data_arguments
+from reslora_diffusers.data.options import add_data_arguments, add_mask_and_regularisation_arguments, check_data_arguments
 from reslora_diffusers.pipeline_io import PIPELINE_FACTOR
 from reslora_diffusers.training.checkpoints import CHECKPOINT_MARKER, find_resume_checkpoint, finished_at, save_checkpoint
 from reslora_diffusers.training.config_file import parse_with_config
@@ -62,7 +62,8 @@ logger = logging.getLogger(__name__)
 def parse_args(argv=None):
     parser = OneLineErrorParser(description="Fine-tune Stable Diffusion with ResLoRA / LoRA / Delta-LoRA adapters.")
     for add_arguments in (add_base_arguments, add_data_source_arguments, add_validation_arguments, add_output_arguments,
-                          add_optimization_arguments, add_checkpoint_arguments, add_adapter_arguments, add_data_arguments):
+                          add_optimization_arguments, add_checkpoint_arguments, add_adapter_arguments, add_data_arguments,
+                          add_mask_and_regularisation_arguments):
         add_arguments(parser)
     args = parse_with_config(parser, argv)  # --config FILE, overridden by the command line
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
@@ -434,7 +435,7 @@ def train(args):
     from diffusers.optimization import get_scheduler
 
     from reslora_diffusers.data.dataset import DatasetError
-    from reslora_diffusers.data.loader import examples_from_flags, training_data
+    from reslora_diffusers.data.loader import examples_from_flags, regularisation_examples, training_data
     from reslora_diffusers.training.base_model import set_up_models
     from reslora_diffusers.training.checkpoints import register_adapter_hooks, restore_checkpoint
     from reslora_diffusers.training.distributed import any_process_failed, shut_down
@@ -445,6 +446,7 @@ def train(args):
 
     try:  # bad data (empty, unreadable, missing columns) fails here, before any model loads
         examples, held_out = examples_from_flags(args)
+        regularisation = regularisation_examples(args)
     except DatasetError as error:
         exit_with_error(str(error))
     output_dir = Path(args.output_dir)
@@ -497,7 +499,7 @@ def train(args):
     # run sees the same batches.
     try:
         data = training_data(args, examples, tokenizer=models.tokenizer, vae=models.vae, text_encoder=text_encoder,
-                             unet=unet, accelerator=accelerator, vae_dtype=models.vae_dtype, sdxl=sdxl)
+                             unet=unet, accelerator=accelerator, vae_dtype=models.vae_dtype, sdxl=sdxl, regularisation=regularisation)
     except DatasetError as error:
         exit_with_error(str(error))
 
@@ -612,20 +614,22 @@ def train_steps(run, dataloader, data, global_step: int, resume_from, num_update
     from tqdm.auto import tqdm
 
     from reslora_diffusers.data.dataset import DatasetError
-    from reslora_diffusers.data.loader import latent_distribution
     from reslora_diffusers.training.distributed import shut_down
     from reslora_diffusers.training.end_of_run import RunFacts
     from reslora_diffusers.training.run_safety import TrainingStopped, require_finite_state
-    from reslora_diffusers.training.validation_loss import diffusion_loss, loss_target
+    from reslora_diffusers.training.step_loss import batch_loss
 
     args, accelerator, models, optimizer, lr_scheduler = run.args, run.accelerator, run.models, run.optimizer, run.lr_scheduler
-    adapter, unet, vae, noise_scheduler = models.adapter, models.unet, models.vae, models.noise_scheduler
+    adapter, noise_scheduler = models.adapter, models.noise_scheduler
     validation, metrics, batch_total = run.validation, run.metrics, total_batch_size(args, accelerator)
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)  # only once on each machine
     first_epoch = global_step // num_update_steps_per_epoch
     resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
     last_checkpoint, start_time, start_step, train_loss = resume_from, time.time(), global_step, 0.0
+    part_losses = {"instance": 0.0, "prior": 0.0}
+    # Batches seen since the run began (a resume starts at a step boundary): numbers the regularisation batches.
+    batch_number = first_epoch * len(dataloader) + resume_batches
     try:
         for epoch in range(first_epoch, args.num_train_epochs):
             for model in run.trained_models:
@@ -643,34 +647,14 @@ def train_steps(run, dataloader, data, global_step: int, resume_from, num_update
                 # Shortcut annealing: γ of the step being taken (a function of the step, so a resumed run agrees).
                 adapter.set_shortcut_scale(shortcut_anneal_factor(global_step + 1, args.max_train_steps, args.shortcut_anneal_fraction))
                 with accelerator.accumulate(*run.trained_models):
-                    # Convert images to latent space
-                    with torch.no_grad():
-                        latents = latent_distribution(vae, batch, accelerator.device, models.vae_dtype).sample()
-                    latents = (latents * vae.config.scaling_factor).to(models.weight_dtype)
-
-                    # Sample noise that we'll add to the latents
-                    noise = torch.randn_like(latents)
-                    if args.noise_offset:
-                        # https://www.crosslabs.org//blog/diffusion-with-offset-noise
-                        noise += args.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), device=latents.device)
-
-                    # Sample a random timestep for each image
-                    bsz = latents.shape[0]
-                    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device).long()
-
-                    # Add noise to the latents according to the noise magnitude at each timestep (the forward diffusion process)
-                    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-
-                    # Get the text embedding for conditioning (SDXL: and its pooled embedding, size / crop ids)
-                    encoder_hidden_states, added_cond_kwargs = models.conditioning(batch, accelerator.device, args.train_text_encoder)
-
-                    # Predict the noise residual (or velocity, by the prediction type) and compute the loss
-                    # (Min-SNR-weighted with --snr_gamma; the validation loss uses the same function).
-                    target = loss_target(noise_scheduler, latents, noise, timesteps)
-                    model_pred = unet(
-                        noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs, return_dict=False
-                    )[0]
-                    loss = diffusion_loss(noise_scheduler, model_pred, target, timesteps, args.snr_gamma)
+                    # The batch's loss (regularisation images, when given, joined in the same UNet call)
+                    regularisation = None
+                    if data.regularisation is not None:
+                        regularisation = (data.regularisation.batch(batch_number, len(batch["input_ids"]), batch["image_size"]),
+                                          data.regularisation.generator(batch_number, accelerator.device))
+                    batch_number += 1
+                    losses = batch_loss(args, models, batch, accelerator.device, regularisation)
+                    loss, bsz = losses.loss, len(batch["input_ids"])
 
                     # Gather the losses across all processes for logging; every process sees the same value,
                     # so a non-finite loss stops all of them together, before the adapter is touched.
@@ -681,6 +665,9 @@ def train_steps(run, dataloader, data, global_step: int, resume_from, num_update
                             "the broken state (try a lower --learning_rate, or --mixed_precision bf16 instead of fp16)"
                         )
                     train_loss += avg_loss.item() / args.gradient_accumulation_steps
+                    if losses.prior is not None:
+                        for name, part in (("instance", losses.instance), ("prior", losses.prior)):
+                            part_losses[name] += accelerator.gather(part.detach().repeat(bsz)).mean().item() / args.gradient_accumulation_steps
 
                     # Backpropagate
                     accelerator.backward(loss)
@@ -704,7 +691,11 @@ def train_steps(run, dataloader, data, global_step: int, resume_from, num_update
                         "seconds": round(seconds, 3),
                         "images_per_second": round((global_step - start_step) * batch_total / max(seconds, 1e-9), 3),
                     }
-                    accelerator.log({"train_loss": train_loss, "lr": record["lr"]}, step=global_step)
+                    if data.regularisation is not None:  # the two parts of the loss (before --prior_loss_weight)
+                        record.update({f"loss_{name}": value for name, value in part_losses.items()})
+                        part_losses = dict.fromkeys(part_losses, 0.0)
+                    accelerator.log({"train_loss": train_loss, "lr": record["lr"],
+                                     **{f"train_{k}": v for k, v in record.items() if k.startswith("loss_")}}, step=global_step)
                     if validation.loss_due(global_step):
                         record.update(validation.losses(global_step))
                     if metrics is not None:
@@ -736,7 +727,7 @@ def train_steps(run, dataloader, data, global_step: int, resume_from, num_update
             print(f"error: {stop}; {kept} (process {accelerator.process_index} of {accelerator.num_processes} stopped "
                   "the run)", file=sys.stderr, flush=True)
             os._exit(1)
-        models.unet = models.text_encoder = unet = run.trained_models = None  # as at the end of a run
+        models.unet = models.text_encoder = run.trained_models = None  # as at the end of a run
         shut_down(accelerator)
         exit_with_error(f"{stop}; {kept}", code=1)
     progress_bar.close()

@@ -301,20 +301,22 @@ class Handlers:
                                  "images with caption files (.txt / .caption) beside them")
         return folder
 
-    def start_training(self, data, method, rank, steps, learning_rate, seed, checkpointing, validation, name):
+    def start_training(self, data, method, rank, steps, learning_rate, seed, checkpointing, validation, name, masked_loss=False):
         try:
             settings = TrainingSettings(self._training_folder(data), method, rank, steps, learning_rate, seed, checkpointing,
-                                        validation, name or "")
+                                        validation, name or "", masked_loss=bool(masked_loss))
             job = self.queue.submit(settings)
         except (UserInputError, ValueError) as error:
             return gr.skip(), _error(error)
         return gr.Dropdown(choices=self.job_choices(), value=job.number), f"Queued {job.label}."
 
-    def start_race(self, data, methods, rank, steps, learning_rate, seed, checkpointing, validation, name, held_out, loss_every):
+    def start_race(self, data, methods, rank, steps, learning_rate, seed, checkpointing, validation, name, held_out, loss_every,
+                   masked_loss=False):
         """One run per chosen method, otherwise the same (data, seed, steps, held-out images), trained side by side."""
         try:
             settings = TrainingSettings(self._training_folder(data), "none", rank, steps, learning_rate, seed, checkpointing,
-                                        validation, name or "", validation_split=held_out, validation_loss_steps=loss_every)
+                                        validation, name or "", validation_split=held_out, validation_loss_steps=loss_every,
+                                        masked_loss=bool(masked_loss))
             jobs = self.queue.submit_race(settings, list(methods or []))
         except (UserInputError, ValueError) as error:
             return gr.skip(), _error(error)
@@ -499,6 +501,8 @@ def build_demo(handlers: Handlers) -> gr.Blocks:
                         checkpointing = gr.Number(label="Checkpoint every", value=50, precision=0, elem_id="train-checkpointing")
                         validation = gr.Number(label="Validate every", value=50, precision=0, elem_id="train-validation")
                     run_name = gr.Textbox(label="Name (optional)", elem_id="train-name")
+                    masked_loss = gr.Checkbox(label="Masked loss: train only the opaque pixels (each image's alpha channel)",
+                                              value=False, elem_id="train-masked-loss")
                     with gr.Row():
                         start = gr.Button("Queue run", variant="primary", elem_id="train-start")
                         stop = gr.Button("Cancel run", variant="stop", elem_id="train-cancel")
@@ -552,10 +556,11 @@ def build_demo(handlers: Handlers) -> gr.Blocks:
         grid_cancel.click(handlers.cancel, outputs=[grid_status], queue=False, api_name=False)
         upload.upload(handlers.upload, inputs=[upload], outputs=[adapter_a, adapter_b, grid_adapters, status], api_name="upload")
 
-        start.click(handlers.start_training, inputs=[data, method, rank, train_steps, learning_rate, train_seed, checkpointing, validation, run_name],
+        start.click(handlers.start_training, inputs=[data, method, rank, train_steps, learning_rate, train_seed, checkpointing, validation, run_name,
+                                                     masked_loss],
                     outputs=[job, train_status], api_name="train")
         race_start.click(handlers.start_race, inputs=[data, race_methods, rank, train_steps, learning_rate, train_seed, checkpointing,
-                                                      validation, run_name, held_out, loss_every],
+                                                      validation, run_name, held_out, loss_every, masked_loss],
                          outputs=[job, train_status], api_name="race")
         stop.click(handlers.cancel_training, inputs=[job], outputs=[train_status], api_name="train_cancel")
         status_event = {"fn": handlers.training_status, "inputs": [job], "outputs": [jobs_table, live_plot, gallery, log, job, race_plot, race_images],

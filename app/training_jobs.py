@@ -42,6 +42,7 @@ class TrainingSettings:
     validation_split: float = 0.0  # > 0: hold out this fraction for the validation loss
     validation_loss_steps: int = 10
     race: int | None = None  # runs of one race train at the same time
+    masked_loss: bool = False  # train only where each image's alpha channel is opaque
 
 
     def check(self) -> TrainingSettings:
@@ -170,6 +171,8 @@ class TrainingQueue:
         ]
         if s.validation_split > 0:
             command += ["--validation_split", f"{s.validation_split:g}", "--validation_loss_steps", str(int(s.validation_loss_steps))]
+        if s.masked_loss:
+            command += ["--masked_loss", "--alpha_mask"]
         if self.base_config is not None:
             command += ["--base_config", str(self.base_config)]
         return command + self.extra_args

@@ -85,6 +85,11 @@ def user_folder(tmp: Path, name: str) -> Path:
     return folder
 
 
+def empty_folder(tmp: Path, name: str) -> Path:
+    (tmp / name).mkdir()
+    return tmp / name
+
+
 def training_cases(tmp: Path, used: Path) -> dict[str, list[str]]:
     pickled = tmp / "model.ckpt"
     pickled.write_bytes(b"\x80\x04pickle")
@@ -117,6 +122,9 @@ def training_cases(tmp: Path, used: Path) -> dict[str, list[str]]:
         "`--optimizer prodigy --lora_plus_ratio 16`": ["--optimizer", "prodigy", "--lora_plus_ratio", "16", *new],
         "`--validation_loss_steps 10` without held-out images": ["--validation_loss_steps", "10", *new],
         "`--validation_split 1.5`": ["--validation_split", "1.5", *new],
+        "`--masked_loss` without masks": ["--masked_loss", *new],
+        "`--mask_data_dir` missing a mask": ["--masked_loss", "--mask_data_dir", str(empty_folder(tmp, "no-masks")), *new],
+        "`--reg_data_dir` with no images": ["--reg_data_dir", str(empty_folder(tmp, "no-reg")), *new],
         "metadata naming a file outside the data folder": ["--train_data_dir", str(bad_data(tmp, "outside")), *QUICK, *new],
         "`N_name` folder repeating 10⁹ times": ["--train_data_dir", str(bad_data(tmp, "repeats")), *QUICK, *new],
         "`--output_dir` holding the user's README.md": ["--output_dir", str(user_folder(tmp, "README.md")), *QUICK],

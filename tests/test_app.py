@@ -342,7 +342,10 @@ def test_cancel_stops_a_long_generation_and_the_next_one_runs(client, setup):
         start = time.time()
         client.predict(api_name="/cancel")
         result = job.result(timeout=30)
-        assert time.time() - start < 2.0, f"cancel took {time.time() - start:.1f} s"
+        # the job stops within a step (pre-hooks); the bound leaves room for the queue's round trips on a busy
+        # 2-core CI machine (both test workers and the app's server share it) and is still far below the minute
+        # the generation would run on
+        assert time.time() - start < 6.0, f"cancel took {time.time() - start:.1f} s"
     finally:
         client.predict(api_name="/cancel")  # never leave a long job blocking the next tests
     assert result[-1].startswith("Cancelled")
@@ -512,8 +515,10 @@ def test_browser_training_run_appears_in_the_run_list_with_its_loss_curve(page, 
     set_number(page, "#train-steps", 500)
     set_number(page, "#train-checkpointing", 2)
     set_number(page, "#train-validation", 2)
+    page.locator("#train-masked-loss input").check()  # the alpha channel as the loss mask
     page.locator("#train-start").click()
     wait_status(page, "#train-status", "Queued #1")
+    page.locator("#train-masked-loss input").uncheck()
     page.locator("#train-name input, #train-name textarea").first.fill("second")
     page.locator("#train-start").click()
     wait_status(page, "#train-status", "Queued #2")  # two runs queued: the second waits for the first
@@ -527,6 +532,8 @@ def test_browser_training_run_appears_in_the_run_list_with_its_loss_curve(page, 
             break
         time.sleep(1)
     assert first is not None and (first / "checkpoint-2").is_dir(), "the run wrote no checkpoint in time"
+    flags = json.loads((first / "resolved_config.json").read_text())
+    assert flags["masked_loss"] is True and flags["alpha_mask"] is True
     wait_status(page, "#train-jobs", "running", timeout=10_000)
     # The page shows the newest queued run (#2, still waiting): choose the running #1 to see its validation images.
     page.locator("#train-job input").first.click()

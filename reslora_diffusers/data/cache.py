@@ -4,7 +4,8 @@ Latents: the cache keeps the VAE posterior of every image — its mean and log-v
 diffusers' `DiagonalGaussianDistribution` — not one sample of it, and each step draws a fresh sample exactly
 as the uncached path does (`vae.encode(x).latent_dist.sample()`). So caching changes the cost, not the
 training: a cached and an uncached run with the same seed give the same losses. A random flip is cached both
-ways; a random crop cannot be cached (the caller refuses it where an image has pixels to spare).
+ways; a random crop cannot be cached (the caller refuses it where an image has pixels to spare). Loss masks
+(`--masked_loss`) are kept beside the latents, with the same crop and flip.
 
 Text embeddings: one per distinct caption (with caption dropout, also the empty caption), from the frozen text
 encoder. A shuffled caption has too many forms to cache.
@@ -120,12 +121,23 @@ def _encode_missing(
     return entries
 
 
+def _centre(transform: ImageTransform, size: Size, target: Size, flip: bool) -> Augmentation:
+    """The one crop a cache keeps: the centre."""
+    width, height = transform.resized_size(size, target)
+    return Augmentation((width - target[0]) // 2, (height - target[1]) // 2, flip)
+
+
 class LatentCache:
     """The VAE posterior parameters of each example (and of its mirror image when flips are on)."""
 
-    def __init__(self, entries: dict[tuple[Example, bool], torch.Tensor], sizes: dict[Example, Size]) -> None:
-        self.entries, self.sizes = entries, sizes
+    def __init__(self, entries: dict[tuple[Example, bool], torch.Tensor], sizes: dict[Example, Size],
+                 masks: dict[tuple[Example, bool], torch.Tensor] | None = None) -> None:
+        self.entries, self.sizes, self.masks = entries, sizes, masks or {}
         self.encoded = 0
+
+    def mask(self, example: Example, flip: bool) -> torch.Tensor:
+        """The example's loss mask with the crop and flip of its cached latent (1×H×W in [0, 1])."""
+        return self.masks[(example, flip)].float() / 255.0
 
     def image_size(self, example: Example) -> Size:
         return self.sizes[example]
@@ -169,14 +181,18 @@ class LatentCache:
             pixels = []
             for position in positions:
                 example, target, flip = jobs[position]
-                width, height = transform.resized_size(sizes[example], target)
-                centre = Augmentation((width - target[0]) // 2, (height - target[1]) // 2, flip)
-                pixels.append(transform.apply(example.open(), target, centre))
+                pixels.append(transform.apply(example.open(), target, _centre(transform, sizes[example], target, flip)))
             return encode(torch.stack(pixels))
 
         store = _EntryStore(cache_dir, "latents")
         entries = _encode_missing(keys, store, encode_jobs, lambda p: tuple(jobs[p][1]), batch_size, "latent", show_progress)
-        cache = cls({(example, flip): entry for (example, _, flip), entry in zip(jobs, entries)}, sizes)
+        # Loss masks need no model: they are made again from their files (in memory, as 8-bit) rather than stored.
+        masks = {}
+        for example, target, flip in jobs:
+            if example.mask is not None:
+                mask = transform.apply_mask(example.open_mask(), target, _centre(transform, sizes[example], target, flip))
+                masks[(example, flip)] = (mask * 255).round().to(torch.uint8)
+        cache = cls({(example, flip): entry for (example, _, flip), entry in zip(jobs, entries)}, sizes, masks)
         cache.encoded = len(keys) - store.read
         return cache
 

@@ -52,6 +52,7 @@ DECODE_VERSION = 2
 _TRANSPARENT_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _ROTATING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+ALPHA_MASK = "alpha"  # Example.mask: the image's own alpha channel is its loss mask (masks.py)
 
 
 def to_rgb(image: Image.Image, name: str = "an image") -> Image.Image:
@@ -93,12 +94,14 @@ def oriented_size(image: Image.Image) -> tuple[int, int]:
 
 @dataclass(frozen=True, eq=False)
 class Example:
-    """One training image (a file, or an image already in memory), its captions (one is drawn per use) and how
-    many times an epoch uses it (a caption folder's `N_name` prefix)."""
+    """One training image (a file, or an image already in memory), its captions (one is drawn per use), how
+    many times an epoch uses it (a caption folder's `N_name` prefix) and, with --masked_loss, its loss mask: a
+    mask image's path or `ALPHA_MASK` (masks.py)."""
 
     image: Path | Image.Image
     captions: tuple[str, ...]
     repeats: int = 1
+    mask: Path | str | None = None
 
     @property
     def name(self) -> str:
@@ -125,6 +128,25 @@ class Example:
             raise
         except (OSError, UnidentifiedImageError, ValueError) as error:
             raise DatasetError(f"image {self.image} became unreadable during training: {error}") from None
+
+    def open_mask(self) -> Image.Image:
+        """The loss mask as 8-bit greyscale of the image's (oriented) size: the mask file's luminance, or the
+        alpha channel (an image without transparency trains everywhere)."""
+        source = self.image if self.mask == ALPHA_MASK else self.mask
+        try:
+            if isinstance(source, Image.Image):
+                image = ImageOps.exif_transpose(source)
+            else:
+                with Image.open(source) as opened:
+                    opened.load()
+                    image = ImageOps.exif_transpose(opened)
+        except (OSError, UnidentifiedImageError, ValueError) as error:
+            raise DatasetError(f"mask {source} became unreadable during training: {error}") from None
+        if self.mask != ALPHA_MASK:
+            return to_rgb(image, str(source)).convert("L")
+        if image.mode in _TRANSPARENT_MODES or "transparency" in image.info:
+            return image.convert("RGBA").getchannel("A")
+        return Image.new("L", image.size, 255)
 
 
 def _captions(value, column: str, where: str) -> tuple[str, ...]:
@@ -313,6 +335,17 @@ class ImageTransform:
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
         return pixels / 127.5 - 1.0
 
+    def apply_mask(self, mask: Image.Image, target: Size, augmentation: Augmentation) -> torch.Tensor:
+        """A loss mask moved as `apply` moves its image: 1×H×W in [0, 1]."""
+        size = self.resized_size(mask.size, target)
+        if size != mask.size:
+            mask = mask.resize(size, Image.Resampling.BILINEAR)  # no overshoot: a mask stays within [0, 1]
+        left, top = augmentation.left, augmentation.top
+        mask = mask.crop((left, top, left + target[0], top + target[1]))
+        if augmentation.flip:
+            mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
+
     def crop_top_left(self, size: Size, target: Size, augmentation: Augmentation) -> tuple[int, int]:
         """SDXL's crop conditioning: the crop's (top, left) in the resized image; a flipped image's crop is
         measured in the flipped image."""
@@ -365,7 +398,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     `targets` gives each example's size (its aspect-ratio bucket); by default every example is a
     `resolution`-sided square. An example with `repeats` N appears N times. With a latent cache
     (`data_cache.LatentCache`), items hold "latent_parameters" (the VAE posterior's mean and log-variance)
-    instead of pixels.
+    instead of pixels. An example with a loss mask adds "mask" (1×H×W in [0, 1], cropped and flipped as the image).
 
     The random crop, flip and caption of an example depend only on (seed, epoch, index), never on a global
     generator: data loaders fetch ahead, so a resumed run would otherwise draw them in another order.
@@ -396,7 +429,11 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return self.targets[index] if self.targets is not None else (self.transform.resolution,) * 2
 
     def __getitem__(self, index: int) -> dict:
-        example, target = self.examples[index], self.target(index)
+        return self.item(index, self.target(index))
+
+    def item(self, index: int, target: Size) -> dict:
+        """Example `index` at size `target` (regularisation images take their batch's size)."""
+        example = self.examples[index]
         seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
         generator = torch.Generator().manual_seed(seed)
         if self.latent_cache is not None:
@@ -404,11 +441,15 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             size = self.latent_cache.image_size(example)
             augmentation = self.transform.draw(size, target, generator)
             item = {"latent_parameters": self.latent_cache.get(example, augmentation.flip)}
+            if example.mask is not None:
+                item["mask"] = self.latent_cache.mask(example, augmentation.flip)
         else:
             image = example.open()
             size = image.size
             augmentation = self.transform.draw(size, target, generator)
             item = {"pixel_values": self.transform.apply(image, target, augmentation)}
+            if example.mask is not None:
+                item["mask"] = self.transform.apply_mask(example.open_mask(), target, augmentation)
         item["original_size"] = (size[1], size[0])
         item["crop_top_left"] = self.transform.crop_top_left(size, target, augmentation)
         item["target_size"] = (target[1], target[0])

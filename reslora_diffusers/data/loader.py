@@ -16,6 +16,8 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from reslora_diffusers.data.buckets import BucketBatchSampler, BucketLayout
 from reslora_diffusers.data.cache import LatentCache, TextEmbeddingCache, module_fingerprint
 from reslora_diffusers.data.caption_folder import load_local_folder
+from reslora_diffusers.data.masks import attach_masks
+from reslora_diffusers.data.regularisation import RegularisationImages
 from reslora_diffusers.data.dataset import (
     CaptionOptions,
     DatasetError,
@@ -31,6 +33,7 @@ from reslora_diffusers.data.dataset import (
 def examples_from_flags(args) -> tuple[list[Example], list[Example] | None]:
     """(training examples, held-out examples for the validation loss or None). Bad data (empty, unreadable,
     missing columns) raises DatasetError here, before any model loads."""
+    folder = None
     if args.dataset_name is not None and not Path(args.dataset_name).is_dir():
         examples = load_hub_dataset(
             args.dataset_name, args.dataset_config_name, args.cache_dir, args.train_data_dir, args.image_column, args.caption_column
@@ -40,6 +43,8 @@ def examples_from_flags(args) -> tuple[list[Example], list[Example] | None]:
         examples = load_local_folder(folder, args.image_column, args.caption_column, args.caption_source, args.missing_caption)
     if args.max_train_samples is not None and args.max_train_samples < len(examples):
         examples = subset(examples, args.max_train_samples, args.seed)
+    if args.masked_loss:
+        examples = attach_masks(examples, folder, args.mask_data_dir, args.alpha_mask)
     if args.validation_data_dir is not None:
         held_out = load_local_folder(args.validation_data_dir, args.image_column, args.caption_column,
                                      args.caption_source, args.missing_caption)
@@ -47,6 +52,16 @@ def examples_from_flags(args) -> tuple[list[Example], list[Example] | None]:
     if args.validation_split is not None:
         return split_held_out(examples, args.validation_split, args.seed)
     return examples, None
+
+
+def regularisation_examples(args) -> list[Example] | None:
+    """The --reg_data_dir images (any local layout the training data may have; `N_name` repeats honoured)."""
+    if getattr(args, "reg_data_dir", None) is None:
+        return None
+    try:
+        return load_local_folder(args.reg_data_dir, args.image_column, args.caption_column, args.caption_source, args.missing_caption)
+    except DatasetError as error:
+        raise DatasetError(f"--reg_data_dir: {error}") from None
 
 
 def split_held_out(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -64,6 +79,7 @@ class TrainingData:
     dataset: ImageCaptionDataset
     sampler: EpochShuffleSampler | BucketBatchSampler  # both have set_epoch(epoch)
     dataloader: torch.utils.data.DataLoader
+    regularisation: RegularisationImages | None = None
 
 
 def bucket_layout(args, examples: list[Example], vae_scale_factor: int, unet_downsampling: int) -> BucketLayout:
@@ -97,10 +113,13 @@ def latent_distribution(vae, batch: dict, device: torch.device, dtype: torch.dty
     return DiagonalGaussianDistribution(parameters.contiguous())
 
 
-def training_data(args, examples: list[Example], *, tokenizer, vae, text_encoder, unet, accelerator, vae_dtype, sdxl=None) -> TrainingData:
+def training_data(args, examples: list[Example], *, tokenizer, vae, text_encoder, unet, accelerator, vae_dtype, sdxl=None,
+                  regularisation: list[Example] | None = None) -> TrainingData:
     """The data set, its sampler and loader; with --enable_bucket prints the bucket histogram, with caching fills
     the caches (the main process first when they are on disk, so the others read its files). With `sdxl`
-    (`sdxl.SDXLConditioning`) batches also hold the second tokenizer's ids and the size / crop conditioning."""
+    (`sdxl.SDXLConditioning`) batches also hold the second tokenizer's ids and the size / crop conditioning.
+    `regularisation` examples (--reg_data_dir) are read from their pixels at each batch's size; their captions
+    join the text-embedding cache."""
     if sdxl is not None and args.cache_text_embeddings:
         # SDXL needs both encoders' states and the pooled embedding, which the cache does not hold.
         raise DatasetError("--cache_text_embeddings is for SD 1.x / 2.x bases; an SDXL base encodes captions every step (drop the flag)")
@@ -128,7 +147,7 @@ def training_data(args, examples: list[Example], *, tokenizer, vae, text_encoder
                 batch_size=args.train_batch_size, cache_dir=args.data_cache_dir, show_progress=show_progress,
             )
         if args.cache_text_embeddings:
-            captions = [caption for example in examples for caption in example.captions]
+            captions = [caption for example in [*examples, *(regularisation or [])] for caption in example.captions]
             text_cache = TextEmbeddingCache.build(
                 captions + ([""] if args.caption_dropout_rate > 0 else []), tokenize,
                 encode=lambda ids: text_encoder(ids.to(accelerator.device), return_dict=False)[0],
@@ -138,11 +157,14 @@ def training_data(args, examples: list[Example], *, tokenizer, vae, text_encoder
 
     def collate_fn(batch: list[dict]) -> dict:
         captions = [example["caption"] for example in batch]
-        collated = {"input_ids": tokenize(captions)}
+        target_height, target_width = batch[0]["target_size"]
+        collated = {"input_ids": tokenize(captions), "image_size": (target_width, target_height)}
         if "latent_parameters" in batch[0]:
             collated["latent_parameters"] = torch.stack([example["latent_parameters"] for example in batch])
         else:
             collated["pixel_values"] = torch.stack([example["pixel_values"] for example in batch]).contiguous()
+        if "mask" in batch[0]:
+            collated["mask"] = torch.stack([example["mask"] for example in batch])
         if text_cache is not None:
             collated["encoder_hidden_states"] = text_cache.stack(captions)
         if sdxl is not None:  # the second tokenizer and SDXL's size / crop conditioning
@@ -160,4 +182,8 @@ def training_data(args, examples: list[Example], *, tokenizer, vae, text_encoder
         # A new order every epoch, fixed by (seed, epoch), so a resumed run sees the same batches.
         sampler = EpochShuffleSampler(len(dataset), args.seed)
         dataloader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.train_batch_size, **loader_options)
-    return TrainingData(dataset, sampler, dataloader)
+    reg = None
+    if regularisation is not None:
+        reg = RegularisationImages(regularisation, transform, caption_options(args), args.seed, collate_fn,
+                                   accelerator.process_index, accelerator.num_processes)
+    return TrainingData(dataset, sampler, dataloader, reg)

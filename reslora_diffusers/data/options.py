@@ -4,6 +4,7 @@ checks that need no model. Imports nothing heavy: the command line is parsed bef
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 CAPTION_SOURCES = ("auto", "metadata", "files")
@@ -61,8 +62,48 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_mask_and_regularisation_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("masked loss and regularisation images")
+    group.add_argument(
+        "--masked_loss",
+        action="store_true",
+        help="Train only where each image's mask says (white: trained, black: ignored, grey: in between), with the "
+        "masks from --mask_data_dir or --alpha_mask. As in kohya's trainer the loss stays a mean over the whole image.",
+    )
+    group.add_argument(
+        "--mask_data_dir",
+        type=str,
+        default=None,
+        help="With --masked_loss: a folder of greyscale masks named as the images (the same path inside it as the image "
+        "inside the data folder, any image extension), each of its image's size.",
+    )
+    group.add_argument(
+        "--alpha_mask",
+        action="store_true",
+        help="With --masked_loss: each image's alpha channel is its mask (transparent pixels are ignored; an image "
+        "without transparency trains everywhere).",
+    )
+    group.add_argument(
+        "--reg_data_dir",
+        type=str,
+        default=None,
+        help="Regularisation (class) images, in any layout the training data may have: each batch is joined by as "
+        "many of them, and their loss is added times --prior_loss_weight (kohya's reg images, DreamBooth's prior "
+        "preservation).",
+    )
+    group.add_argument("--prior_loss_weight", type=float, default=1.0, help="Weight of the regularisation images' loss.")
+
+
 def check_data_arguments(args: argparse.Namespace, error) -> None:
     """Calls `error(message)` for flags that cannot work together."""
+    if args.masked_loss and (args.mask_data_dir is None) == (not args.alpha_mask):
+        error("--masked_loss needs its masks from one place: --mask_data_dir DIR or --alpha_mask")
+    if not args.masked_loss and (args.mask_data_dir is not None or args.alpha_mask):
+        error(f"{'--mask_data_dir' if args.mask_data_dir is not None else '--alpha_mask'} gives masks for --masked_loss: pass --masked_loss too")
+    if not math.isfinite(args.prior_loss_weight) or args.prior_loss_weight < 0:
+        error(f"--prior_loss_weight must be a finite number >= 0, got {args.prior_loss_weight}")
+    if args.prior_loss_weight != 1.0 and args.reg_data_dir is None:
+        error("--prior_loss_weight weighs the images of --reg_data_dir: pass --reg_data_dir too")
     if not 0.0 <= args.caption_dropout_rate <= 1.0:
         error(f"--caption_dropout_rate must be between 0 and 1, got {args.caption_dropout_rate}")
     if args.keep_tokens < 0:

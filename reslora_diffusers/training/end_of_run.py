@@ -107,6 +107,9 @@ def write_outputs(accelerator, args, adapter, validation, records: list[dict], f
             "mixed precision": accelerator.mixed_precision,
             "processes": accelerator.num_processes,
             "seed": args.seed,
+            **({"masked loss": "alpha channel" if args.alpha_mask else f"masks from `{args.mask_data_dir}`"} if args.masked_loss else {}),
+            **({"regularisation images / prior_loss_weight": f"`{args.reg_data_dir}` / {args.prior_loss_weight:g}"}
+               if args.reg_data_dir else {}),
         },
         results={
             "final loss": f"{final_loss:.4f}" if final_loss is not None else "n/a",

@@ -85,7 +85,8 @@ def output_error(args, resume_from: Path | None) -> str | None:
     data = args.dataset_name if args.dataset_name and Path(args.dataset_name).is_dir() else args.train_data_dir
     protected = {"the training data": data, "the base model": args.pretrained_model_name_or_path,
                  "the base config": args.base_config, "the VAE": args.pretrained_vae_model_name_or_path,
-                 "the validation data": args.validation_data_dir}
+                 "the validation data": args.validation_data_dir, "the masks": getattr(args, "mask_data_dir", None),
+                 "the regularisation images": getattr(args, "reg_data_dir", None)}
     error = nested_output_error(output_dir, protected, contains=False)
     if error:
         return error.replace(f"{output_dir} ", f"--output_dir {output_dir} ", 1)

@@ -62,6 +62,8 @@ def run_settings(args) -> dict[str, object]:
         "revision": args.revision,
         "variant": args.variant,
         "dataset": _location(args.dataset_name or args.train_data_dir),
+        "mask_data_dir": _location(getattr(args, "mask_data_dir", None)),
+        "reg_data_dir": _location(getattr(args, "reg_data_dir", None)),
         "dataset_config_name": args.dataset_config_name,
         "image_column": args.image_column,
         "caption_column": args.caption_column,
@@ -70,7 +72,8 @@ def run_settings(args) -> dict[str, object]:
     }
     # What the data flags change in the batches (caches do not: a cached run repeats an uncached one).
     for name in ("caption_source", "missing_caption", "caption_dropout_rate", "shuffle_caption", "keep_tokens",
-                 "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
+                 "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "masked_loss", "alpha_mask",
+                 "prior_loss_weight"):
         if hasattr(args, name):
             settings[name] = getattr(args, name)
     if args.resolution is not None:  # None until the base VAE gives the default

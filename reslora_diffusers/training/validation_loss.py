@@ -29,18 +29,30 @@ _NOISE_SEED_STRIDE = 1_000_003
 
 
 def diffusion_loss(noise_scheduler, model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
-                   snr_gamma: float | None, per_example: bool = False) -> torch.Tensor:
+                   snr_gamma: float | None, per_example: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The training loss: MSE to the noise (or velocity), Min-SNR-weighted with `snr_gamma` (arXiv 2303.09556, §3.4,
-    adapted to the prediction type). The batch mean, or (`per_example`) one value per example."""
-    if snr_gamma is None and not per_example:
+    adapted to the prediction type). The batch mean, or (`per_example`) one value per example.
+
+    `mask` (N×1×H×W in [0, 1], at pixel resolution; --masked_loss) weighs each latent cell by the share of its
+    pixels the mask keeps, so what lies outside the mask gets no gradient. As in kohya's trainer, the mean stays
+    over the whole image: a small mask gives a small loss."""
+    if snr_gamma is None and not per_example and mask is None:
         return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-    loss = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=list(range(1, model_pred.ndim)))
+    loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+    if mask is not None:
+        loss = loss * latent_mask(mask, model_pred.shape[-2:]).to(loss.device)
+    loss = loss.mean(dim=list(range(1, model_pred.ndim)))
     if snr_gamma is not None:
         snr = compute_snr(noise_scheduler, timesteps)
         weights = torch.clamp(snr, max=snr_gamma)
         weights = weights / snr if noise_scheduler.config.prediction_type == "epsilon" else weights / (snr + 1)
         loss = loss * weights
     return loss if per_example else loss.mean()
+
+
+def latent_mask(mask: torch.Tensor, latent_size) -> torch.Tensor:
+    """A pixel mask averaged over each latent cell's pixels (the VAE's downsampling is a whole factor)."""
+    return F.interpolate(mask.float(), size=tuple(latent_size), mode="area")
 
 
 def loss_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
