@@ -76,6 +76,12 @@ def test_sdxl_buckets_with_cached_latents_repeat_an_uncached_run(tiny_sdxl, tmp_
     check(run(sdxl_args(tiny_sdxl, cached, *flags, "--cache_latents")))
     assert len(set(losses(plain))) == 3
     torch.testing.assert_close(torch.tensor(losses(cached)), torch.tensor(losses(plain)), rtol=1e-4, atol=0)
+    # Masks and regularisation images on SDXL: the joined batch carries both images' size / crop ids.
+    reg = write_kohya_folder(tmp_path / "reg")
+    check(run(sdxl_args(tiny_sdxl, tmp_path / "masked", *flags, "--cache_latents", "--masked_loss", "--alpha_mask",
+                        "--reg_data_dir", str(reg), "--prior_loss_weight", "0.5")))
+    records = [json.loads(line) for line in (tmp_path / "masked" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and all(r["loss"] == pytest.approx(r["loss_instance"] + 0.5 * r["loss_prior"], rel=1e-5) for r in records)
     frozen_encoders = [a for a in sdxl_args(tiny_sdxl, tmp_path / "refused", *flags, "--cache_text_embeddings") if a != "--train_text_encoder"]
     refused = run(frozen_encoders)
     assert refused.returncode == 2 and "error: --cache_text_embeddings is for SD 1.x / 2.x bases" in refused.stderr
