@@ -21,7 +21,7 @@ from test_train_script import (
     write_imagefolder,
 )
 
-from reslora_diffusers.data.dataset import Example, ImageCaptionDataset, ImageTransform
+from reslora_diffusers.data.dataset import CaptionOptions, Example, ImageCaptionDataset, ImageTransform
 from reslora_diffusers.data.masks import attach_masks
 from reslora_diffusers.training.validation_loss import diffusion_loss
 
@@ -162,3 +162,38 @@ def test_bad_masks_and_regularisation_folders_fail_in_one_line(tiny, tmp_path, c
     _one_line_error(capsys, tiny_args(tiny, tmp_path / "e", *STEPS, "--alpha_mask"), "pass --masked_loss too")
     _one_line_error(capsys, tiny_args(tiny, tmp_path / "f", *STEPS, "--prior_loss_weight", "0.5"), "pass --reg_data_dir too")
     shutil.rmtree(tmp_path / "missing")
+
+
+def test_regularisation_images_under_two_process_data_parallel(tiny, tmp_path):
+    """Each process joins its own regularisation images (its offset in their order); the replicas stay identical,
+    with the text encoder trained on the joined batch too."""
+    from test_train_script import ACCELERATE, check, run, summary
+
+    out = tmp_path / "ddp"
+    launcher = ACCELERATE + ["--multi_gpu", "--num_processes", "2", "--mixed_precision", "no"]
+    check(run(tiny_args(tiny, out, "--max_train_steps", "3", "--checkpointing_steps", "10", "--train_batch_size", "2",
+                        "--train_text_encoder", "--reg_data_dir", str(tiny["reg"]), "--masked_loss", "--alpha_mask"),
+              launcher=launcher, env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}))
+    facts = summary(out)
+    assert facts["num_processes"] == 2 and facts["global_step"] == 3 and facts["replica_max_difference"] == 0.0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and all(r["loss_prior"] > 0 for r in records)
+
+
+def test_each_process_draws_its_own_regularisation_images_and_every_one_is_used_per_pass(tiny):
+    from reslora_diffusers.data.caption_folder import load_local_folder
+    from reslora_diffusers.data.regularisation import RegularisationImages
+
+    examples = load_local_folder(tiny["reg"])  # 5 images
+    transform = ImageTransform(32, center_crop=True, random_flip=False)
+    picks = []
+    for rank in (0, 1):
+        reg = RegularisationImages(examples, transform, CaptionOptions(), seed=3, collate=lambda items: items,
+                                   process_index=rank, num_processes=2)
+        # The image's number (its caption may be "emoji N" or "picture N")
+        picks.append([item["caption"].split()[-1] for number in range(5) for item in reg.batch(number, 1, (32, 32))])
+    # Batch k of rank r takes position 2k + r: ranks interleave through one order, a pass of 5 at a time.
+    order = [caption for pair in zip(*picks) for caption in pair]
+    captions = sorted(example.captions[0].split()[-1] for example in examples)
+    assert sorted(order[:5]) == captions and sorted(order[5:10]) == captions
+    assert picks[0] != picks[1]
