@@ -650,8 +650,7 @@ def train_steps(run, dataloader, data, global_step: int, resume_from, num_update
                     # The batch's loss (regularisation images, when given, joined in the same UNet call)
                     regularisation = None
                     if data.regularisation is not None:
-                        regularisation = (data.regularisation.batch(batch_number, len(batch["input_ids"]), batch["image_size"]),
-                                          data.regularisation.generator(batch_number, accelerator.device))
+                        regularisation = data.regularisation.for_batch(batch_number, batch, accelerator.device)
                     batch_number += 1
                     losses = batch_loss(args, models, batch, accelerator.device, regularisation)
                     loss, bsz = losses.loss, len(batch["input_ids"])

@@ -191,7 +191,8 @@ def test_each_process_draws_its_own_regularisation_images_and_every_one_is_used_
         reg = RegularisationImages(examples, transform, CaptionOptions(), seed=3, collate=lambda items: items,
                                    process_index=rank, num_processes=2)
         # The image's number (its caption may be "emoji N" or "picture N")
-        picks.append([item["caption"].split()[-1] for number in range(5) for item in reg.batch(number, 1, (32, 32))])
+        picks.append([item["caption"].split()[-1] for number in range(5)
+                      for item in reg.for_batch(number, {"input_ids": [0], "image_size": (32, 32)}, "cpu")[0]])
     # Batch k of rank r takes position 2k + r: ranks interleave through one order, a pass of 5 at a time.
     order = [caption for pair in zip(*picks) for caption in pair]
     captions = sorted(example.captions[0].split()[-1] for example in examples)

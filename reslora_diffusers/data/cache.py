@@ -188,10 +188,12 @@ class LatentCache:
         entries = _encode_missing(keys, store, encode_jobs, lambda p: tuple(jobs[p][1]), batch_size, "latent", show_progress)
         # Loss masks need no model: they are made again from their files (in memory, as 8-bit) rather than stored.
         masks = {}
-        for example, target, flip in jobs:
+        for example, target in zip(examples, targets):
             if example.mask is not None:
-                mask = transform.apply_mask(example.open_mask(), target, _centre(transform, sizes[example], target, flip))
-                masks[(example, flip)] = (mask * 255).round().to(torch.uint8)
+                opened = example.open_mask()  # once for both flips
+                for flip in flips:
+                    mask = transform.apply_mask(opened, target, _centre(transform, sizes[example], target, flip))
+                    masks[(example, flip)] = (mask * 255).round().to(torch.uint8)
         cache = cls({(example, flip): entry for (example, _, flip), entry in zip(jobs, entries)}, sizes, masks)
         cache.encoded = len(keys) - store.read
         return cache

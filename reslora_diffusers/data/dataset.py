@@ -323,27 +323,26 @@ class ImageTransform:
         flip = bool(self.random_flip and torch.rand((), generator=generator) < 0.5)
         return Augmentation(left, top, flip)
 
-    def apply(self, image: Image.Image, target: Size, augmentation: Augmentation) -> torch.Tensor:
-        image = to_rgb(image) if image.mode != "RGB" else image
+    def _placed(self, image: Image.Image, target: Size, augmentation: Augmentation, resample) -> Image.Image:
+        """Resized to cover `target`, cropped and maybe flipped as `augmentation` says."""
         size = self.resized_size(image.size, target)
         if size != image.size:
-            image = image.resize(size, self.interpolation)
+            image = image.resize(size, resample)
         left, top = augmentation.left, augmentation.top
         image = image.crop((left, top, left + target[0], top + target[1]))
         if augmentation.flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return image
+
+    def apply(self, image: Image.Image, target: Size, augmentation: Augmentation) -> torch.Tensor:
+        image = to_rgb(image) if image.mode != "RGB" else image
+        image = self._placed(image, target, augmentation, self.interpolation)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
         return pixels / 127.5 - 1.0
 
     def apply_mask(self, mask: Image.Image, target: Size, augmentation: Augmentation) -> torch.Tensor:
         """A loss mask moved as `apply` moves its image: 1×H×W in [0, 1]."""
-        size = self.resized_size(mask.size, target)
-        if size != mask.size:
-            mask = mask.resize(size, Image.Resampling.BILINEAR)  # no overshoot: a mask stays within [0, 1]
-        left, top = augmentation.left, augmentation.top
-        mask = mask.crop((left, top, left + target[0], top + target[1]))
-        if augmentation.flip:
-            mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        mask = self._placed(mask, target, augmentation, Image.Resampling.BILINEAR)  # no overshoot: stays within [0, 1]
         return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
 
     def crop_top_left(self, size: Size, target: Size, augmentation: Augmentation) -> tuple[int, int]:

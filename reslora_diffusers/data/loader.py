@@ -16,8 +16,6 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from reslora_diffusers.data.buckets import BucketBatchSampler, BucketLayout
 from reslora_diffusers.data.cache import LatentCache, TextEmbeddingCache, module_fingerprint
 from reslora_diffusers.data.caption_folder import load_local_folder
-from reslora_diffusers.data.masks import attach_masks
-from reslora_diffusers.data.regularisation import RegularisationImages
 from reslora_diffusers.data.dataset import (
     CaptionOptions,
     DatasetError,
@@ -28,6 +26,8 @@ from reslora_diffusers.data.dataset import (
     load_hub_dataset,
     subset,
 )
+from reslora_diffusers.data.masks import attach_masks
+from reslora_diffusers.data.regularisation import RegularisationImages
 
 
 def examples_from_flags(args) -> tuple[list[Example], list[Example] | None]:

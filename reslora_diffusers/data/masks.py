@@ -3,8 +3,9 @@
 A mask is a greyscale image: white trains, black is ignored, grey weighs in between (kohya's convention). It
 comes from a folder of same-named mask images (`--mask_data_dir`: `<mask_dir>/<the image's path inside the
 data folder, any image extension>`) or from the image's own alpha channel (`--alpha_mask`; an image without
-transparency trains everywhere). Masks are resized, cropped and flipped with their image (`ImageTransform`) and
-averaged down to the latent grid by the loss (decoded by `Example.open_mask`) (`training/validation_loss.diffusion_loss`).
+transparency trains everywhere). Masks are decoded by `Example.open_mask`, resized, cropped and flipped with their
+image (`ImageTransform.apply_mask`) and averaged down to the latent grid by the loss
+(`training/validation_loss.diffusion_loss`).
 
 Every mask is found and checked against its image's size when the data set is indexed, before any model loads.
 """

@@ -15,7 +15,14 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from reslora_diffusers.data.dataset import CaptionOptions, DatasetError, Example, ImageCaptionDataset, ImageTransform, Size
+from reslora_diffusers.data.dataset import (
+    CaptionOptions,
+    DatasetError,
+    EpochShuffleSampler,
+    Example,
+    ImageCaptionDataset,
+    ImageTransform,
+)
 
 _SEED_OFFSET = 7_919  # their order and draws never repeat the training images' (same seed, other stream)
 
@@ -28,29 +35,26 @@ class RegularisationImages:
         self.dataset = ImageCaptionDataset(examples, transform, seed=seed + _SEED_OFFSET, caption_options=caption_options)
         self.seed, self.collate = seed + _SEED_OFFSET, collate
         self.process_index, self.num_processes = process_index, num_processes
+        self.sampler = EpochShuffleSampler(len(self.dataset), self.seed)
         self._order: tuple[int, list[int]] | None = None
 
-    def __len__(self) -> int:
-        return len(self.dataset)  # repeats counted
-
     def _pass_order(self, number: int) -> list[int]:
+        """Pass `number`'s order: an epoch order of the training images' kind, from this stream's seed."""
         if self._order is None or self._order[0] != number:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + number)
-            self._order = (number, torch.randperm(len(self.dataset), generator=generator).tolist())
+            self.sampler.set_epoch(number)
+            self._order = (number, list(self.sampler))
         return self._order[1]
 
-    def batch(self, batch_number: int, count: int, size: Size) -> dict:
-        """The `count` regularisation images joined to training batch `batch_number` (counted from the run's start,
-        the same on every process), at `size` (width, height)."""
+    def for_batch(self, batch_number: int, batch: dict, device) -> tuple[dict, torch.Generator]:
+        """The regularisation batch joined to training batch `batch_number` (counted from the run's start, the same
+        on every process): as many images, at its size, and the generator of their VAE samples, noise and
+        timesteps."""
+        count = len(batch["input_ids"])
         start = (batch_number * self.num_processes + self.process_index) * count
         items = []
         for position in range(start, start + count):
             number, offset = divmod(position, len(self.dataset))
             self.dataset.set_epoch(number)
-            items.append(self.dataset.item(self._pass_order(number)[offset], size))
-        return self.collate(items)
-
-    def generator(self, batch_number: int, device) -> torch.Generator:
-        """The generator of batch `batch_number`'s VAE samples, noise and timesteps."""
+            items.append(self.dataset.item(self._pass_order(number)[offset], batch["image_size"]))
         seed = int(np.random.SeedSequence([self.seed, batch_number, self.process_index]).generate_state(1)[0])
-        return torch.Generator(device=device).manual_seed(seed)
+        return self.collate(items), torch.Generator(device=device).manual_seed(seed)

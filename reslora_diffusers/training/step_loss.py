@@ -59,25 +59,24 @@ def batch_loss(args, models, batch: dict, device, regularisation: tuple[dict, to
     """The loss of one batch (Min-SNR-weighted with --snr_gamma, masked with --masked_loss; the validation loss
     uses the same function), with its regularisation batch in the same UNet call."""
     unet, noise_scheduler = models.unet, models.noise_scheduler
-    parts = [noised(models, batch, device, args.noise_offset)]
-    conditioning_batch = batch
+    batches, parts = [batch], [noised(models, batch, device, args.noise_offset)]
     if regularisation is not None:
         reg_batch, generator = regularisation
+        batches.append(reg_batch)
         parts.append(noised(models, reg_batch, device, args.noise_offset, generator))
-        conditioning_batch = _joined(batch, reg_batch)
 
     # Get the text embedding for conditioning (SDXL: and its pooled embedding, size / crop ids)
+    conditioning_batch = batch if regularisation is None else _joined(batch, reg_batch)
     encoder_hidden_states, added_cond_kwargs = models.conditioning(conditioning_batch, device, args.train_text_encoder)
     # Predict the noise residual (or velocity, by the prediction type) and compute the loss
     model_pred = unet(
         torch.cat([p.noisy_latents for p in parts]), torch.cat([p.timesteps for p in parts]), encoder_hidden_states,
         added_cond_kwargs=added_cond_kwargs, return_dict=False,
     )[0]
-    predictions = model_pred.split([len(p.timesteps) for p in parts])
     losses = [
         diffusion_loss(noise_scheduler, prediction, loss_target(noise_scheduler, p.latents, p.noise, p.timesteps), p.timesteps,
                        args.snr_gamma, mask=part_batch.get("mask"))
-        for prediction, p, part_batch in zip(predictions, parts, [batch] + ([regularisation[0]] if regularisation else []))
+        for prediction, p, part_batch in zip(model_pred.split([len(p.timesteps) for p in parts]), parts, batches)
     ]
     if regularisation is None:
         return BatchLoss(losses[0], losses[0], None)
