@@ -155,6 +155,11 @@ def test_bad_masks_and_regularisation_folders_fail_in_one_line(tiny, tmp_path, c
     Image.new("L", (10, 10)).save(wrong / "2.png")
     _one_line_error(capsys, tiny_args(tiny, tmp_path / "b", *STEPS, "--masked_loss", "--mask_data_dir", str(wrong)),
                     "a mask must have its image's size")
+    truncated = write_masks(tmp_path / "truncated", tiny["data"], left_half)
+    whole = (truncated / "4.png").read_bytes()
+    (truncated / "4.png").write_bytes(whole[: len(whole) // 2])  # the header (and size) intact, the pixels cut
+    _one_line_error(capsys, tiny_args(tiny, tmp_path / "t", *STEPS, "--masked_loss", "--mask_data_dir", str(truncated)),
+                    "cannot be read")
     empty = tmp_path / "empty"
     empty.mkdir()
     _one_line_error(capsys, tiny_args(tiny, tmp_path / "c", *STEPS, "--reg_data_dir", str(empty)), "--reg_data_dir")

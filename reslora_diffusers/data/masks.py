@@ -7,7 +7,8 @@ transparency trains everywhere). Masks are decoded by `Example.open_mask`, resiz
 image (`ImageTransform.apply_mask`) and averaged down to the latent grid by the loss
 (`training/validation_loss.diffusion_loss`).
 
-Every mask is found and checked against its image's size when the data set is indexed, before any model loads.
+Every mask file is found, decoded and checked against its image's size when the data set is indexed, before any
+model loads (as the images themselves are).
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from reslora_diffusers.data.caption_folder import IMAGE_EXTENSIONS
-from reslora_diffusers.data.dataset import ALPHA_MASK, DatasetError, Example, oriented_size
+from reslora_diffusers.data.dataset import ALPHA_MASK, DatasetError, Example, decodes, oriented_size
 
 
 def _mask_file(example: Example, data_root: Path, mask_dir: Path) -> Path:
@@ -48,13 +49,13 @@ def attach_masks(examples: Sequence[Example], data_root: str | Path | None, mask
             raise DatasetError("--mask_data_dir names masks by their image's file; a Hub data set's images have none "
                                "(use --alpha_mask, or a local folder)")
         path = _mask_file(example, Path(data_root), mask_dir)
-        try:
-            with Image.open(path) as mask:
-                mask_size = oriented_size(mask)
-        except (OSError, UnidentifiedImageError, ValueError) as error:
-            raise DatasetError(f"mask {path} cannot be read: {error}") from None
-        if mask_size != example.size:
+        problem = decodes(path)
+        if problem is not None:
+            raise DatasetError(f"mask {path} cannot be read: {problem}")
+        with Image.open(path) as mask:
+            mask_size, image_size = oriented_size(mask), example.size
+        if mask_size != image_size:
             raise DatasetError(f"mask {path} is {mask_size[0]}×{mask_size[1]} but its image {example.name} is "
-                               f"{example.size[0]}×{example.size[1]}: a mask must have its image's size")
+                               f"{image_size[0]}×{image_size[1]}: a mask must have its image's size")
         attached.append(dataclasses.replace(example, mask=path))
     return attached
