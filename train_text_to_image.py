@@ -35,7 +35,7 @@ from types import SimpleNamespace
 # Light imports only: a bad command line fails in seconds, before torch, diffusers, transformers and accelerate
 # load (slow on a busy machine); `train` imports them once the flags are known to be good.
 from reslora_diffusers.adapters.annealing import DEFAULT_ANNEAL_FRACTION, shortcut_anneal_factor
-from reslora_diffusers.adapters.config import MERGE_METHODS, RES_TYPES, ResLoRAConfig
+from reslora_diffusers.adapters.config import CONV_TARGETS, DEFAULT_CONV_TARGETS, MERGE_METHODS, RES_TYPES, ResLoRAConfig
 from reslora_diffusers.atomic import atomic_write_text
 from reslora_diffusers.cli import OneLineErrorParser, add_threads_argument, exit_with_error, set_threads
 from reslora_diffusers.data.dataset import INTERPOLATION_MODES
@@ -303,6 +303,16 @@ def add_adapter_arguments(parser) -> None:
     parser.add_argument("--pre_num", type=int, default=-1, help="How many previous blocks a shortcut reaches (-1: all).")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank of every adapter block.")
     parser.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha; the branch is scaled by alpha / rank. Default: the rank.")
+    parser.add_argument(
+        "--conv_rank", type=int, default=0,
+        help="Rank of LoCon adapters on the UNet's ResNet 3x3 convolutions (kohya's conv_dim); 0 = attention only.",
+    )  # fmt: skip
+    parser.add_argument("--conv_alpha", type=float, default=None, help="Alpha of the conv adapters (scale conv_alpha / conv_rank). Default: --conv_rank.")
+    parser.add_argument(
+        "--conv_targets", type=str, nargs="+", default=list(DEFAULT_CONV_TARGETS), choices=CONV_TARGETS,
+        help="Which Conv2d layers get a conv adapter: the ResNet blocks' conv1 / conv2 (3x3, default), conv_shortcut (1x1), "
+        "and conv (the down- / upsamplers).",
+    )  # fmt: skip
     parser.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA branch input (must be 0 with --delta_lora_ratio > 0).")
     parser.add_argument("--train_text_encoder", action="store_true", help="Also train adapters on the CLIP text encoder's attention.")
     parser.add_argument(
@@ -352,6 +362,8 @@ def check_arguments(args, error) -> None:
             error(f"--{name} must be > 0, got {value}")
     if args.rank <= 0:
         error(f"--rank must be > 0, got {args.rank}")
+    if args.conv_rank < 0:
+        error(f"--conv_rank must be >= 0 (0: no conv adapters), got {args.conv_rank}")
     resolve_optimizer_defaults(args, error, default_learning_rate=ADAMW_LEARNING_RATE)
     if not 0 < args.learning_rate <= FLOAT32_MAX:
         error(f"--learning_rate must be > 0 and fit a float32 (<= 3.4e38), got {args.learning_rate}")
@@ -403,12 +415,16 @@ def check_arguments(args, error) -> None:
             rank=args.rank,
             lora_alpha=args.lora_alpha,
             lora_dropout=args.lora_dropout,
+            conv_rank=args.conv_rank,
+            conv_alpha=args.conv_alpha,
+            conv_targets=tuple(args.conv_targets),
             delta_lora_ratio=args.delta_lora_ratio,
             delta_lora_start=args.delta_lora_start,
             cross_attention_shortcuts=not args.no_cross_attention_shortcuts,
         )
     except ValueError as config_error:
         message = str(config_error).replace("res_type='none'", "--res_type none").replace("lora_dropout=0", "--lora_dropout 0")
+        message = message.replace("conv_alpha is", "--conv_alpha is").replace("set conv_rank", "set --conv_rank")
         error(message)
 
 

@@ -301,22 +301,23 @@ class Handlers:
                                  "images with caption files (.txt / .caption) beside them")
         return folder
 
-    def start_training(self, data, method, rank, steps, learning_rate, seed, checkpointing, validation, name, masked_loss=False):
+    def start_training(self, data, method, rank, steps, learning_rate, seed, checkpointing, validation, name, masked_loss=False,
+                       conv_rank=0):
         try:
             settings = TrainingSettings(self._training_folder(data), method, rank, steps, learning_rate, seed, checkpointing,
-                                        validation, name or "", masked_loss=bool(masked_loss))
+                                        validation, name or "", masked_loss=bool(masked_loss), conv_rank=conv_rank or 0)
             job = self.queue.submit(settings)
         except (UserInputError, ValueError) as error:
             return gr.skip(), _error(error)
         return gr.Dropdown(choices=self.job_choices(), value=job.number), f"Queued {job.label}."
 
     def start_race(self, data, methods, rank, steps, learning_rate, seed, checkpointing, validation, name, held_out, loss_every,
-                   masked_loss=False):
+                   masked_loss=False, conv_rank=0):
         """One run per chosen method, otherwise the same (data, seed, steps, held-out images), trained side by side."""
         try:
             settings = TrainingSettings(self._training_folder(data), "none", rank, steps, learning_rate, seed, checkpointing,
                                         validation, name or "", validation_split=held_out, validation_loss_steps=loss_every,
-                                        masked_loss=bool(masked_loss))
+                                        masked_loss=bool(masked_loss), conv_rank=conv_rank or 0)
             jobs = self.queue.submit_race(settings, list(methods or []))
         except (UserInputError, ValueError) as error:
             return gr.skip(), _error(error)
@@ -494,6 +495,8 @@ def build_demo(handlers: Handlers) -> gr.Blocks:
                     method = gr.Radio(list(METHODS), value="is", label="Method (none: plain LoRA)", elem_id="train-method")
                     with gr.Row():
                         rank = gr.Number(label="Rank", value=4, precision=0, elem_id="train-rank")
+                        conv_rank = gr.Number(label="Conv rank (LoCon on the ResNet convs; 0: attention only)", value=0, precision=0,
+                                              elem_id="train-conv-rank")
                         train_steps = gr.Number(label="Steps", value=100, precision=0, elem_id="train-steps")
                         learning_rate = gr.Number(label="Learning rate", value=1e-3, elem_id="train-lr")
                     with gr.Row():
@@ -557,10 +560,10 @@ def build_demo(handlers: Handlers) -> gr.Blocks:
         upload.upload(handlers.upload, inputs=[upload], outputs=[adapter_a, adapter_b, grid_adapters, status], api_name="upload")
 
         start.click(handlers.start_training, inputs=[data, method, rank, train_steps, learning_rate, train_seed, checkpointing, validation, run_name,
-                                                     masked_loss],
+                                                     masked_loss, conv_rank],
                     outputs=[job, train_status], api_name="train")
         race_start.click(handlers.start_race, inputs=[data, race_methods, rank, train_steps, learning_rate, train_seed, checkpointing,
-                                                      validation, run_name, held_out, loss_every, masked_loss],
+                                                      validation, run_name, held_out, loss_every, masked_loss, conv_rank],
                          outputs=[job, train_status], api_name="race")
         stop.click(handlers.cancel_training, inputs=[job], outputs=[train_status], api_name="train_cancel")
         status_event = {"fn": handlers.training_status, "inputs": [job], "outputs": [jobs_table, live_plot, gallery, log, job, race_plot, race_images],

@@ -43,13 +43,14 @@ class TrainingSettings:
     validation_loss_steps: int = 10
     race: int | None = None  # runs of one race train at the same time
     masked_loss: bool = False  # train only where each image's alpha channel is opaque
+    conv_rank: int = 0  # > 0: LoCon adapters on the ResNet convolutions too (kohya's conv_dim)
 
 
     def check(self) -> TrainingSettings:
         if self.method not in METHODS:
             raise UserInputError(f"method must be one of {list(METHODS)}, got {self.method!r}")
         for name, value, low in (("rank", self.rank, 1), ("steps", self.steps, 1), ("checkpointing steps", self.checkpointing_steps, 1),
-                                 ("validation steps", self.validation_steps, 1), ("seed", self.seed, 0)):
+                                 ("validation steps", self.validation_steps, 1), ("seed", self.seed, 0), ("conv rank", self.conv_rank, 0)):
             if not isinstance(value, (int, float)) or int(value) != value or value < low:
                 raise UserInputError(f"{name} must be a whole number >= {low}, got {value!r}")
         if not isinstance(self.learning_rate, (int, float)) or not 0 < self.learning_rate <= 1:
@@ -173,6 +174,8 @@ class TrainingQueue:
             command += ["--validation_split", f"{s.validation_split:g}", "--validation_loss_steps", str(int(s.validation_loss_steps))]
         if s.masked_loss:
             command += ["--masked_loss", "--alpha_mask"]
+        if s.conv_rank:
+            command += ["--conv_rank", str(int(s.conv_rank))]
         if self.base_config is not None:
             command += ["--base_config", str(self.base_config)]
         return command + self.extra_args

@@ -13,7 +13,9 @@ Method keys (as given to `--methods`):
 Variants (suffixes, for our adapters): `_nokv` leaves the cross-attention to_k / to_v blocks
 unlinked (is / ms / bs); `_anneal` anneals the shortcut terms to 0 over the end of training (is / ms / bs,
 see reslora_diffusers/adapters/annealing.py), so the trained model merges exactly; a final `+` trains with LoRA+
-(B at a higher learning rate than A). E.g. `lora+`, `ms+`, `is_nokv`, `ms_anneal`, `ms_nokv_anneal+`.
+(B at a higher learning rate than A); `_conv` adds LoCon adapters on the UNet's ResNet 3×3 convolutions (at
+`AdapterSettings.conv_rank`, default the rank; the shortcut, if any, on their chains too). E.g. `lora+`, `ms+`,
+`is_nokv`, `ms_anneal`, `ms_nokv_anneal+`, `lora_conv`.
 """
 
 from __future__ import annotations
@@ -50,14 +52,15 @@ class Method:
     lora_plus: bool = False
     anneal: bool = False
     cross_attention_shortcuts: bool = True
+    conv: bool = False  # LoCon adapters on the ResNet convolutions too
 
     @property
     def parent(self) -> str:
         """The key without `_nokv` / `_anneal`: the method whose learning rate a variant shares."""
-        return self.key.replace("_nokv", "").replace("_anneal", "")
+        return self.key.replace("_nokv", "").replace("_anneal", "").replace("_conv", "")
 
 
-_VARIANTS = {"+": " + LoRA+", "_anneal": " annealed", "_nokv": " (no cross-attn k/v links)"}
+_VARIANTS = {"+": " + LoRA+", "_anneal": " annealed", "_nokv": " (no cross-attn k/v links)", "_conv": " + conv (LoCon)"}
 
 
 def method(key: str) -> Method:
@@ -79,7 +82,7 @@ def method(key: str) -> Method:
     label = found.label + "".join(_VARIANTS[suffix] for suffix in sorted(options, key=key.rfind))
     return dataclasses.replace(
         found, key=key, label=label, lora_plus="+" in options, anneal="_anneal" in options,
-        cross_attention_shortcuts="_nokv" not in options,
+        cross_attention_shortcuts="_nokv" not in options, conv="_conv" in options,
     )  # fmt: skip
 
 
@@ -101,7 +104,7 @@ def _base_method(key: str, full_key: str) -> Method:
         return Method(key, f"ResLoRA {res_type} (m={pre_num})", "ours", res_type=res_type, pre_num=pre_num)
     raise ValueError(
         f"unknown method {full_key!r}: use floor, peft, lora, is, bs, ms, bs_mK, ms_mK (K >= 1) or delta, "
-        "optionally with _nokv, _anneal and a final +"
+        "optionally with _nokv, _anneal, _conv and a final +"
     )
 
 
@@ -140,6 +143,7 @@ class AdapterSettings:
     lora_alpha: float
     delta_lora_ratio: float = 0.5
     delta_lora_start: int = 0
+    conv_rank: int = 0  # of `_conv` methods; 0: the rank
 
 
 def attach(m: Method, unet: nn.Module, settings: AdapterSettings) -> Attached:
@@ -169,6 +173,7 @@ def attach(m: Method, unet: nn.Module, settings: AdapterSettings) -> Attached:
         delta_lora_start=settings.delta_lora_start,
         unet_targets=UNET_TARGETS,
         cross_attention_shortcuts=m.cross_attention_shortcuts,
+        conv_rank=(settings.conv_rank or settings.rank) if m.conv else 0,
     )
     adapter = apply_reslora(unet, config)
     saved = {}

@@ -125,6 +125,8 @@ def training_cases(tmp: Path, used: Path) -> dict[str, list[str]]:
         "`--masked_loss` without masks": ["--masked_loss", *new],
         "`--mask_data_dir` missing a mask": ["--masked_loss", "--mask_data_dir", str(empty_folder(tmp, "no-masks")), *new],
         "`--reg_data_dir` with no images": ["--reg_data_dir", str(empty_folder(tmp, "no-reg")), *new],
+        "`--conv_alpha 4` without `--conv_rank`": ["--conv_alpha", "4", *new],
+        "`--conv_rank -1`": ["--conv_rank", "-1", *new],
         "metadata naming a file outside the data folder": ["--train_data_dir", str(bad_data(tmp, "outside")), *QUICK, *new],
         "`N_name` folder repeating 10⁹ times": ["--train_data_dir", str(bad_data(tmp, "repeats")), *QUICK, *new],
         "`--output_dir` holding the user's README.md": ["--output_dir", str(user_folder(tmp, "README.md")), *QUICK],

@@ -18,3 +18,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 def worker_threads(wanted: int) -> int:
     """`wanted` threads when the suite runs alone, one per worker when it runs on every core."""
     return 1 if os.environ.get("PYTEST_XDIST_WORKER") else wanted
+
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    """The tiny SD pipeline (tiny_models.tiny_pipeline) saved once per test module, for loaders that read folders."""
+    from tiny_models import tiny_pipeline
+
+    directory = tmp_path_factory.mktemp("tiny_sd")
+    tiny_pipeline().save_pretrained(directory)
+    return directory

@@ -520,9 +520,11 @@ def test_browser_training_run_appears_in_the_run_list_with_its_loss_curve(page, 
     set_number(page, "#train-checkpointing", 2)
     set_number(page, "#train-validation", 2)
     page.locator("#train-masked-loss input").check()  # the alpha channel as the loss mask
+    set_number(page, "#train-conv-rank", 2)  # LoCon adapters on the ResNet convolutions too
     page.locator("#train-start").click()
     wait_status(page, "#train-status", "Queued #1")
     page.locator("#train-masked-loss input").uncheck()
+    set_number(page, "#train-conv-rank", 0)
     page.locator("#train-name input, #train-name textarea").first.fill("second")
     page.locator("#train-start").click()
     wait_status(page, "#train-status", "Queued #2")  # two runs queued: the second waits for the first
@@ -537,7 +539,7 @@ def test_browser_training_run_appears_in_the_run_list_with_its_loss_curve(page, 
         time.sleep(1)
     assert first is not None and (first / "checkpoint-2").is_dir(), "the run wrote no checkpoint in time"
     flags = json.loads((first / "resolved_config.json").read_text())
-    assert flags["masked_loss"] is True and flags["alpha_mask"] is True
+    assert flags["masked_loss"] is True and flags["alpha_mask"] is True and flags["conv_rank"] == 2
     wait_status(page, "#train-jobs", "running", timeout=10_000)
     # The page shows the newest queued run (#2, still waiting): choose the running #1 to see its validation images.
     page.locator("#train-job input").first.click()

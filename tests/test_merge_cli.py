@@ -204,3 +204,30 @@ def test_a_config_edited_to_another_res_type_is_named_as_such(tmp_path):
     _check_chains_match_config(metadata, ResLoRAConfig(res_type="is"), tmp_path / "reslora_config.json")
     with pytest.raises(ValueError, match="chains were not built for its res_type 'bs' \\(was the config edited\\?\\)"):
         _check_chains_match_config(metadata, ResLoRAConfig(res_type="bs"), tmp_path / "reslora_config.json")
+
+
+def test_conv_adapters_through_the_command_line(base_dir, tmp_path):
+    """An `ms` adapter with LoCon blocks on the ResNet convs: the report gives their merge error, and the kohya file
+    (4-D lora_down), the diffusers LoRA and the single file all reproduce the merged pipeline's images."""
+    config = ResLoRAConfig(res_type="ms", rank=2, conv_rank=2, conv_alpha=4.0)
+    adapter_dir = train_adapter(base_dir, tmp_path / "ms_conv", config)
+    output = tmp_path / "out"
+    argv = ["--base", str(base_dir), "--adapter", str(adapter_dir), "--output", str(output), "--merge_method", "calibrated",
+            "--format", "kohya", "diffusers-lora", "single-file", "diffusers", "--num_inference_steps", STEPS,
+            "--calibration_prompts", *PROMPTS]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((output / "out.merge_report.json").read_text())
+    assert 0 < report["methods"]["calibrated"]["unet_relative_error"] < 1
+    from safetensors.torch import load_file
+
+    kohya = load_file(str(output / "kohya_lora.safetensors"))
+    assert kohya["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].ndim == 4
+    expected = images(plain_pipeline(output / "merged_diffusers"))
+    assert image_psnr(expected[0] * 255, images(plain_pipeline(base_dir))[0] * 255) < 60
+    for lora in (output / "kohya_lora.safetensors", output):
+        pipe = plain_pipeline(base_dir)
+        pipe.load_lora_weights(str(lora))
+        assert np.abs(images(pipe) - expected).max() < 2e-3, lora
+    single = StableDiffusionPipeline.from_single_file(str(output / "merged_model.safetensors"), config=str(base_dir), local_files_only=True)
+    single.set_progress_bar_config(disable=True)
+    assert np.abs(images(single) - expected).max() < 2e-3

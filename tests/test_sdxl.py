@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from tiny_models import MAX_TOKENS, perturb_adapter, sdxl_unet_inputs, tiny_pipeline, tiny_sdxl_pipeline, token_ids
 
 from reslora_diffusers import AdapterMismatchError, ResLoRAConfig, apply_reslora, load_adapter, save_adapter
+from reslora_diffusers.adapters.config import CONV_TARGETS
 from reslora_diffusers.formats import (
     kohya_name,
     load_kohya_lora,
@@ -26,6 +27,9 @@ VARIANTS = {
     "bs": ResLoRAConfig(res_type="bs", rank=2),
     "ms": ResLoRAConfig(res_type="ms", rank=2),
     "delta": ResLoRAConfig(res_type="none", rank=2, delta_lora_ratio=0.5, delta_lora_start=0),
+    # LoCon on every conv target (ResNet 3×3 and 1×1, down- / upsamplers): SDXL names them in LDM naming
+    "conv_bs": ResLoRAConfig(res_type="bs", rank=2, conv_rank=2, conv_targets=CONV_TARGETS),
+    "conv_ms": ResLoRAConfig(res_type="ms", rank=2, conv_rank=3, conv_alpha=1.5),
 }
 
 
@@ -193,7 +197,7 @@ def comfyui_lora_names(pipe) -> dict[str, str]:
 
 def test_sdxl_kohya_names_follow_comfyui_rules(sdxl_dir, tmp_path):
     pipe = load_sdxl(sdxl_dir)
-    adapter = adapted(pipe, "bs")
+    adapter = adapted(pipe, "conv_bs")
     factors = merge_adapter(adapter).factors
     adapter.remove()
     expected = comfyui_lora_names(pipe)
@@ -206,6 +210,9 @@ def test_sdxl_kohya_names_follow_comfyui_rules(sdxl_dir, tmp_path):
     assert mapped == {key.replace("text_model.", "") for key in factors}
     assert any(name.startswith("lora_unet_input_blocks_") for name in written)
     assert any(name.startswith("lora_unet_middle_block_1_transformer_blocks_1_") for name in written)
+    for conv in ("input_blocks_1_0_in_layers_2", "input_blocks_4_0_skip_connection", "input_blocks_3_0_op",
+                 "middle_block_2_out_layers_3", "output_blocks_2_2_conv"):  # fmt: skip
+        assert f"lora_unet_{conv}" in written
 
 
 def test_sdxl_kohya_needs_the_unet_config(sdxl_dir, tmp_path):

@@ -1,6 +1,8 @@
-"""`apply_reslora`: patches ResLoRA blocks into a diffusers UNet (attention processors) and a CLIP text encoder.
+"""`apply_reslora`: patches ResLoRA blocks into a diffusers UNet (attention processors; forward hooks on the ResNet
+convolutions when `conv_rank` > 0) and a CLIP text encoder (forward hooks).
 
 Block names are `<component>.<module path>`: `unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`,
+`unet.down_blocks.0.resnets.0.conv1`,
 `text_encoder.encoder.layers.0.self_attn.q_proj` (transformers ≥ 5 module paths, no `text_model.`), and for
 SDXL's second encoder `text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj`.
 """
@@ -14,6 +16,9 @@ from collections.abc import Iterator
 
 import torch
 from diffusers.models.attention_processor import Attention
+from diffusers.models.downsampling import Downsample2D
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
 from reslora_diffusers.adapters.blocks import ForwardPassTracker, ResLoRABlock
@@ -21,6 +26,7 @@ from reslora_diffusers.adapters.chains import ProbedLayer, build_chains, predece
 from reslora_diffusers.adapters.config import ResLoRAConfig
 from reslora_diffusers.adapters.delta_lora import DeltaLoRA
 from reslora_diffusers.adapters.processor import ResLoRAAttnProcessor, replaced_processor_error
+from reslora_diffusers.adapters.projections import LinearProjection, projection_of
 from reslora_diffusers.adapters.sdxl import probe_added_conditions
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -49,6 +55,26 @@ def _unet_targets(unet: nn.Module, targets: tuple[str, ...]) -> dict[str, tuple[
                 continue
             if isinstance(linear, nn.Linear):
                 found[f"unet.{path}.{target}"] = (path, target, linear)
+    return found
+
+
+# The UNet modules whose Conv2d children conv adapters target: ResNet blocks (conv1, conv2, conv_shortcut) and the
+# down- / upsamplers (conv), as kohya's LoCon does.
+_CONV_HOSTS = (ResnetBlock2D, Downsample2D, Upsample2D)
+
+
+def _unet_conv_targets(unet: nn.Module, config: ResLoRAConfig) -> dict[str, tuple[str, nn.Conv2d]]:
+    """{block name: (target, conv)} for the `conv_targets` of every ResNet block / sampler (none when conv_rank is 0)."""
+    found = {}
+    if not config.conv_rank:
+        return found
+    for path, module in unet.named_modules():
+        if not isinstance(module, _CONV_HOSTS):
+            continue
+        for target in config.conv_targets:
+            conv = getattr(module, target, None)
+            if isinstance(conv, nn.Conv2d):
+                found[f"unet.{path}.{target}"] = (target, conv)
     return found
 
 
@@ -182,7 +208,8 @@ class ResLoRAAdapter:
     def __repr__(self) -> str:
         shown = COMPONENTS if self.text_encoder_2 is not None else COMPONENTS[:2]  # SD-1.x: no second encoder
         counts = {c: sum(1 for _ in self.named_blocks(c)) for c in shown}
-        return f"ResLoRAAdapter(res_type={self.config.res_type!r}, rank={self.config.rank}, blocks={counts})"
+        conv = f", conv_rank={self.config.conv_rank}" if self.config.conv_rank else ""
+        return f"ResLoRAAdapter(res_type={self.config.res_type!r}, rank={self.config.rank}{conv}, blocks={counts})"
 
     # -- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -277,26 +304,33 @@ def _track_forward_passes(model: nn.Module, tracker: ForwardPassTracker, undo: l
     undo.append(lambda: [h.remove() for h in handles])
 
 
-def _new_block(name: str, linear: nn.Linear, config: ResLoRAConfig, tracker: ForwardPassTracker) -> ResLoRABlock:
+def _add_blocks(adapter: ResLoRAAdapter, layers: dict[str, nn.Module], tracker: ForwardPassTracker) -> None:
+    """One block per layer ({name: Linear or Conv2d}, in execution order); conv blocks get conv_rank / conv_alpha."""
+    for name, layer in layers.items():
+        adapter.blocks[name] = _new_block(name, layer, adapter.config, tracker)
+        adapter.base_layers[name] = layer
+
+
+def _new_block(name: str, layer: nn.Module, config: ResLoRAConfig, tracker: ForwardPassTracker) -> ResLoRABlock:
+    projection = projection_of(layer, name)
+    linear = isinstance(projection, LinearProjection)
     return ResLoRABlock(
         name,
-        linear.in_features,
-        linear.out_features,
-        rank=config.rank,
-        scaling=config.scaling,
+        projection,
+        rank=config.rank if linear else config.conv_rank,
+        scaling=config.scaling if linear else config.conv_scaling,
         res_type=config.res_type,
         dropout=config.lora_dropout,
         input_norm_window=config.input_norm_window,
         tracker=tracker,
-        device=linear.weight.device,
+        device=layer.weight.device,
     )
 
 
-def _patch_unet(adapter: ResLoRAAdapter, unet: nn.Module, targets: dict, tracker: ForwardPassTracker) -> None:
+def _patch_unet(adapter: ResLoRAAdapter, unet: nn.Module, targets: dict) -> None:
+    """Installs a ResLoRA processor in every Attention with blocks (`targets`: {name: (attention path, target, _)})."""
     by_attention: dict[str, dict[str, ResLoRABlock]] = {}
-    for name, (attention_path, target, linear) in targets.items():
-        adapter.blocks[name] = _new_block(name, linear, adapter.config, tracker)
-        adapter.base_layers[name] = linear
+    for name, (attention_path, target, _linear) in targets.items():
         by_attention.setdefault(attention_path, {})[target] = adapter.blocks[name]
     original = dict(unet.attn_processors)
     processors = {}
@@ -319,20 +353,20 @@ def _patch_unet(adapter: ResLoRAAdapter, unet: nn.Module, targets: dict, tracker
     adapter._undo.append(handle.remove)
 
 
-def _patch_text_encoder(adapter: ResLoRAAdapter, targets: dict, tracker: ForwardPassTracker) -> None:
-    def add_branch(linear, args, output):
-        return output + linear.reslora(args[0]) if linear.reslora.runs else output
+def _hook_layers(adapter: ResLoRAAdapter, names: list[str]) -> None:
+    """Adds each block's branch to its layer's output with a forward hook (text encoders, UNet convolutions)."""
 
-    for name, (_target, linear) in targets.items():
-        block = _new_block(name, linear, adapter.config, tracker)
-        adapter.blocks[name] = block
-        adapter.base_layers[name] = linear
-        linear.add_module("reslora", block)
-        handle = linear.register_forward_hook(add_branch)
+    def add_branch(layer, args, output):
+        return output + layer.reslora(args[0]) if layer.reslora.runs else output
 
-        def undo(linear=linear, handle=handle):
+    for name in names:
+        layer = adapter.base_layers[name]
+        layer.add_module("reslora", adapter.blocks[name])
+        handle = layer.register_forward_hook(add_branch)
+
+        def undo(layer=layer, handle=handle):
             handle.remove()
-            del linear.reslora
+            del layer.reslora
 
         adapter._undo.append(undo)
 
@@ -362,6 +396,7 @@ def apply_reslora(
             )
     adapter = ResLoRAAdapter(config, unet, text_encoder, text_encoder_2)
     unet_targets = _unet_targets(unet, config.unet_targets)
+    conv_targets = _unet_conv_targets(unet, config)
     encoders = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
     encoders = {component: model for component, model in encoders.items() if model is not None}
     text_targets = {
@@ -371,14 +406,17 @@ def apply_reslora(
     if text_encoder is not None and text_encoder_2 is not None and "text_encoder" in text_targets:
         text_targets["text_encoder"] = _read_by_sdxl(text_encoder, text_targets["text_encoder"])
     text_targets = {component: targets for component, targets in text_targets.items() if targets}
-    if not unet_targets and not text_targets:
+    if config.conv_rank and not conv_targets:
+        raise ValueError(f"conv_rank is {config.conv_rank}, but this UNet has no Conv2d named {config.conv_targets} in its ResNet blocks")
+    if not unet_targets and not conv_targets and not text_targets:
         raise ValueError(f"no adapter targets found: unet_targets={config.unet_targets}, text_encoder_targets={config.text_encoder_targets}")
 
     text_length = text_encoder.config.max_position_embeddings if text_encoder is not None else DEFAULT_TEXT_LENGTH
     probed = {}
-    if unet_targets:
-        layers = {name: (target, linear) for name, (_path, target, linear) in unet_targets.items()}
-        probed["unet"] = probe_execution_order(layers, lambda: _probe_unet(unet, text_length))
+    unet_layers = {name: (target, linear) for name, (_path, target, linear) in unet_targets.items()}
+    unet_layers.update(conv_targets)
+    if unet_layers:
+        probed["unet"] = probe_execution_order(unet_layers, lambda: _probe_unet(unet, text_length))
     for component, targets in text_targets.items():
         model = encoders[component]
         probed[component] = probe_execution_order(targets, lambda model=model: _probe_text_encoder(model))
@@ -395,11 +433,15 @@ def apply_reslora(
     # Blocks are created in execution order, so `adapter.blocks` iterates in that order.
     if "unet" in probed:
         tracker = ForwardPassTracker()
-        _patch_unet(adapter, unet, {layer.name: unet_targets[layer.name] for layer in probed["unet"]}, tracker)
+        _add_blocks(adapter, {layer.name: unet_layers[layer.name][1] for layer in probed["unet"]}, tracker)
+        _patch_unet(adapter, unet, {name: unet_targets[name] for name in adapter.blocks if name in unet_targets})
+        _hook_layers(adapter, [name for name in adapter.blocks if name in conv_targets])
         _track_forward_passes(unet, tracker, adapter._undo)
     for component, targets in text_targets.items():  # chains per component: one tracker per model
         tracker = ForwardPassTracker()
-        _patch_text_encoder(adapter, {layer.name: targets[layer.name] for layer in probed[component]}, tracker)
+        ordered = [layer.name for layer in probed[component]]
+        _add_blocks(adapter, {name: targets[name][1] for name in ordered}, tracker)
+        _hook_layers(adapter, ordered)
         _track_forward_passes(encoders[component], tracker, adapter._undo)
     unlinked = set() if config.cross_attention_shortcuts else {
         name for name, (path, target, _linear) in unet_targets.items() if reads_the_text_embedding(unet, path, target)

@@ -1,4 +1,4 @@
-"""`ResLoRABlock`: one LoRA adapter on one frozen linear layer, linked to the earlier blocks of its chain (SPEC §1-2).
+"""`ResLoRABlock`: one LoRA adapter on one frozen Linear or Conv2d layer (projections.py), linked to the earlier blocks of its chain (SPEC §1-2).
 
 A block holds the factors, the links and the caches; what its branch computes is its variant's (variants.py). It
 returns the adapter branch only; the caller (the UNet attention processor or the text-encoder hook) adds it to the
@@ -13,9 +13,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from reslora_diffusers.adapters.projections import LinearProjection, Projection
 from reslora_diffusers.adapters.variants import Factors, variant_of
 from reslora_diffusers.formats.lora_factors import LoRAFactors
 
@@ -47,7 +47,10 @@ class ForwardPassTracker:
 
 
 class ResLoRABlock(nn.Module):
-    """LoRA factors A (Kaiming-uniform) and B (zeros) for one linear layer, linked to earlier blocks of its chain.
+    """LoRA factors A (Kaiming-uniform) and B (zeros) for one layer, linked to earlier blocks of its chain.
+
+    A is [r, in_features] and B [out, r] for a Linear and for a Conv2d alike (a conv's in_features = in·kh·kw:
+    its weight flattened); `projection` applies them to the layer's input.
 
     `previous` holds the earlier blocks of the chain that take part, nearest first (n-1, n-2, ...). They are
     plain references, not submodules: each block is registered once, in its own layer.
@@ -56,8 +59,7 @@ class ResLoRABlock(nn.Module):
     def __init__(
         self,
         name: str,
-        in_features: int,
-        out_features: int,
+        projection: Projection,
         *,
         rank: int,
         scaling: float,
@@ -69,6 +71,8 @@ class ResLoRABlock(nn.Module):
     ) -> None:
         super().__init__()
         self.name = name
+        self.projection = projection
+        in_features, out_features = projection.in_features, projection.out_features
         self.in_features, self.out_features = in_features, out_features
         self.rank, self.scaling, self.res_type = rank, scaling, res_type
         self.variant = variant_of(res_type)
@@ -109,12 +113,13 @@ class ResLoRABlock(nn.Module):
         return self.active and self.strength != 0
 
     def extra_repr(self) -> str:
-        return f"{self.name}: in={self.in_features}, out={self.out_features}, r={self.rank}, res_type={self.res_type}"
+        kind = "" if isinstance(self.projection, LinearProjection) else f", conv {self.projection.kernel_size}"
+        return f"{self.name}: in={self.in_features}, out={self.out_features}{kind}, r={self.rank}, res_type={self.res_type}"
 
     def link(self, previous: list[ResLoRABlock]) -> None:
         for block in previous:
-            if (block.in_features, block.out_features) != (self.in_features, self.out_features):
-                raise ValueError(f"cannot link {self.name} to {block.name}: their weight shapes differ")
+            if block.projection != self.projection:
+                raise ValueError(f"cannot link {self.name} to {block.name}: their weight shapes or convolutions differ")
             block.feeds_later_blocks = True
         self.previous = list(previous)
 
@@ -194,8 +199,13 @@ class ResLoRABlock(nn.Module):
         The file's scale is alpha / rank: `alpha` keeps the effective scale s whatever the merged rank.
         """
         up, down = self.variant.merged_factors(self, alphas) if self.has_shortcut else self.exact_factors()
-        up, down = up.detach().float().cpu().contiguous(), down.detach().float().cpu().contiguous()
-        return LoRAFactors(down=down, up=up, alpha=self.scaling * down.shape[0])
+        return self.lora_factors(up, down)
+
+    def lora_factors(self, up: torch.Tensor, down: torch.Tensor) -> LoRAFactors:
+        """Flat factors (up [out, R], down [R, in_features]) of this block at scale s, as a file holds them: fp32 on
+        the CPU, 4-D LoCon tensors for a conv; `alpha` = s·R keeps the scale whatever the rank R."""
+        up, down = self.projection.file_factors(up.detach().float().cpu(), down.detach().float().cpu())
+        return LoRAFactors(down=down.contiguous(), up=up.contiguous(), alpha=self.scaling * down.shape[0])
 
     def _delta_lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(U, D) with U·D = λ·(B A − B_K A_K), detached: Delta-LoRA's weight move since step K over s, rank 2r."""
@@ -219,5 +229,5 @@ class ResLoRABlock(nn.Module):
             # Detached factors: the stop-gradient (W gets no gradient, so neither does its move); the gradient
             # still flows through x, as through a moved W. Autograd keeps only the factors.
             up, down = self._delta_lora_factors()
-            out = out + F.linear(F.linear(dropped, down), up)
+            out = out + self.projection.up(self.projection.down(dropped, down), up)
         return (out * (self.scaling * self.strength)).to(x.dtype)

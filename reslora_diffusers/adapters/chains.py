@@ -2,8 +2,9 @@
 
 Blocks are numbered in forward-execution order, which a probe pass observes; `named_modules()` order is
 not execution order (diffusers registers up_blocks before mid_block). A chain gathers the blocks of one
-projection (e.g. every `to_q`) whose weights have the same shape and, for `is` / `ms`, whose inputs have
-the same shape at run time (attention layers at different resolutions see different token counts).
+projection (e.g. every `to_q`, or every ResNet `conv1`) whose weights have the same shape (for a conv: the same
+kernel, stride, padding and dilation too) and, for `is` / `ms`, whose inputs have the same shape at run time
+(attention layers at different resolutions see different token counts).
 """
 
 from __future__ import annotations
@@ -14,18 +15,26 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from reslora_diffusers.adapters.projections import Projection, projection_from_dict, projection_of
 from reslora_diffusers.adapters.variants import variant_of
 
 
 @dataclass(frozen=True)
 class ProbedLayer:
-    """A target linear layer as the probe pass saw it. `input_shape` excludes the batch dimension."""
+    """A target layer (Linear or Conv2d) as the probe pass saw it. `input_shape` excludes the batch dimension."""
 
     name: str
     target: str
-    in_features: int
-    out_features: int
+    projection: Projection
     input_shape: tuple[int, ...]
+
+    @property
+    def in_features(self) -> int:
+        return self.projection.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.projection.out_features
 
     def to_dict(self) -> dict:
         return {
@@ -33,7 +42,13 @@ class ProbedLayer:
             "in_features": self.in_features,
             "out_features": self.out_features,
             "input_shape": list(self.input_shape),
+            **self.projection.to_dict(),
         }
+
+    @classmethod
+    def from_dict(cls, name: str, data: dict) -> "ProbedLayer":
+        projection = projection_from_dict(data["in_features"], data["out_features"], data)
+        return cls(name, data["target"], projection, tuple(data["input_shape"]))
 
 
 def run_with_pre_hooks(hooks: list[tuple[nn.Module, Callable]], run: Callable[[], object]) -> None:
@@ -48,19 +63,19 @@ def run_with_pre_hooks(hooks: list[tuple[nn.Module, Callable]], run: Callable[[]
 
 
 def probe_execution_order(
-    layers: dict[str, tuple[str, nn.Linear]], run_forward: Callable[[], object]
+    layers: dict[str, tuple[str, nn.Module]], run_forward: Callable[[], object]
 ) -> list[ProbedLayer]:
-    """Runs `run_forward` once with hooks on `layers` ({name: (target, linear)}) and returns them in call order."""
+    """Runs `run_forward` once with hooks on `layers` ({name: (target, Linear or Conv2d)}); returns them in call order."""
     seen: dict[str, ProbedLayer] = {}
 
-    def make_hook(name: str, target: str, linear: nn.Linear):
+    def make_hook(name: str, target: str, projection: Projection):
         def hook(_module, args):
             if name not in seen:
-                seen[name] = ProbedLayer(name, target, linear.in_features, linear.out_features, tuple(args[0].shape[1:]))
+                seen[name] = ProbedLayer(name, target, projection, tuple(args[0].shape[1:]))
 
         return hook
 
-    hooks = [(linear, make_hook(name, target, linear)) for name, (target, linear) in layers.items()]
+    hooks = [(layer, make_hook(name, target, projection_of(layer, name))) for name, (target, layer) in layers.items()]
     run_with_pre_hooks(hooks, run_forward)
     missing = sorted(set(layers) - set(seen))
     if missing:
@@ -73,7 +88,7 @@ def build_chains(probed: list[ProbedLayer], res_type: str) -> list[list[str]]:
     variant = variant_of(res_type)
     chains: dict[tuple, list[str]] = {}
     for layer in probed:
-        key = (layer.target, layer.in_features, layer.out_features)
+        key = (layer.target, layer.projection)
         if variant.reads_earlier_inputs:  # a block adds an earlier block's input or A·x: the shapes must match
             key += (layer.input_shape,)
         chains.setdefault(key, []).append(layer.name)

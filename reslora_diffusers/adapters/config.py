@@ -15,6 +15,10 @@ MERGE_METHODS: tuple[str, ...] = ("input", "weight", "lstsq", "lstsq_joint", "ca
 
 DEFAULT_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DEFAULT_TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+# Conv2d layers of the UNet's ResNet blocks that get a LoCon adapter when conv_rank > 0 (kohya's conv_dim targets
+# their 3×3 convs); "conv_shortcut" (1×1) and "conv" (the down- / upsamplers' 3×3) may be added.
+DEFAULT_CONV_TARGETS = ("conv1", "conv2")
+CONV_TARGETS = ("conv1", "conv2", "conv_shortcut", "conv")
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,18 @@ class ResLoRAConfig:
     unet_targets: tuple[str, ...] = field(
         default=DEFAULT_UNET_TARGETS,
         metadata={"help": "Attention projections of the UNet that get an adapter (names inside diffusers' Attention)."},
+    )
+    conv_rank: int = field(
+        default=0,
+        metadata={"help": "Rank of the LoCon adapters on the UNet's ResNet convolutions (kohya's conv_dim); 0 = none."},
+    )
+    conv_alpha: float | None = field(
+        default=None,
+        metadata={"help": "Alpha of the conv adapters (their branch is scaled by conv_alpha / conv_rank); None = conv_rank."},
+    )
+    conv_targets: tuple[str, ...] = field(
+        default=DEFAULT_CONV_TARGETS,
+        metadata={"help": f"Conv2d layers that get a conv adapter when conv_rank > 0, by name: any of {CONV_TARGETS}."},
     )
     text_encoder_targets: tuple[str, ...] = field(
         default=DEFAULT_TEXT_ENCODER_TARGETS,
@@ -59,6 +75,7 @@ class ResLoRAConfig:
         # Lists from JSON or argparse become tuples, so the frozen config stays hashable and comparable.
         object.__setattr__(self, "unet_targets", tuple(self.unet_targets))
         object.__setattr__(self, "text_encoder_targets", tuple(self.text_encoder_targets))
+        object.__setattr__(self, "conv_targets", tuple(self.conv_targets))
         if self.res_type not in RES_TYPES:
             raise ValueError(f"res_type must be one of {RES_TYPES}, got {self.res_type!r}")
         if not isinstance(self.rank, int) or self.rank <= 0:
@@ -69,8 +86,19 @@ class ResLoRAConfig:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if not isinstance(self.pre_num, int) or self.pre_num < -1:
             raise ValueError(f"pre_num must be -1 (all previous blocks) or >= 0, got {self.pre_num!r}")
-        if not self.unet_targets and not self.text_encoder_targets:
-            raise ValueError("at least one of unet_targets / text_encoder_targets must be non-empty")
+        if isinstance(self.conv_rank, bool) or not isinstance(self.conv_rank, int) or self.conv_rank < 0:
+            raise ValueError(f"conv_rank must be a whole number >= 0 (0: no conv adapters), got {self.conv_rank!r}")
+        if self.conv_alpha is not None and not self.conv_alpha > 0:
+            raise ValueError(f"conv_alpha must be > 0, got {self.conv_alpha!r}")
+        if self.conv_alpha is not None and not self.conv_rank:
+            raise ValueError("conv_alpha is the scale of the conv adapters: set conv_rank > 0 too")
+        unknown = sorted(set(self.conv_targets) - set(CONV_TARGETS))
+        if unknown:
+            raise ValueError(f"conv_targets must be among {CONV_TARGETS}, got {unknown}")
+        if self.conv_rank and not self.conv_targets:
+            raise ValueError("conv_rank > 0 needs at least one conv target")
+        if not self.unet_targets and not self.text_encoder_targets and not self.conv_rank:
+            raise ValueError("at least one of unet_targets / text_encoder_targets / conv_rank must be non-empty")
         if self.delta_lora_ratio < 0:
             raise ValueError(f"delta_lora_ratio must be >= 0, got {self.delta_lora_ratio!r}")
         if self.delta_lora_start < 0:
@@ -85,6 +113,11 @@ class ResLoRAConfig:
     @property
     def scaling(self) -> float:
         return self.lora_alpha / self.rank
+
+    @property
+    def conv_scaling(self) -> float:
+        """The conv adapters' scale conv_alpha / conv_rank (conv_alpha defaults to conv_rank: scale 1)."""
+        return (self.conv_alpha if self.conv_alpha is not None else self.conv_rank) / self.conv_rank
 
     @property
     def delta_lora(self) -> bool:

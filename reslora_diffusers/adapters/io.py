@@ -118,8 +118,7 @@ def _check_chains_match_config(metadata: dict[str, Any], config: ResLoRAConfig, 
     """The saved chains were built for the saved res_type; a config edited to another one no longer describes them."""
     by_component: dict[str, list[ProbedLayer]] = {}
     for name, layer in metadata.get("layers", {}).items():
-        probed = ProbedLayer(name, layer["target"], layer["in_features"], layer["out_features"], tuple(layer["input_shape"]))
-        by_component.setdefault(name.split(".", 1)[0], []).append(probed)
+        by_component.setdefault(name.split(".", 1)[0], []).append(ProbedLayer.from_dict(name, layer))
     for component, layers in by_component.items():
         expected = sorted(map(tuple, build_chains(layers, config.res_type)))
         if expected != sorted(map(tuple, metadata["chains"].get(component, []))):

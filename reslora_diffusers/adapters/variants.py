@@ -12,14 +12,22 @@ one class here. The branch of block n, before the scale s:
 
 `none` and `bs` are a plain LoRA of the frozen weight (`exact_factors`); `is` and `ms` read earlier blocks' inputs,
 which a merged weight cannot, so their merge needs an α per link (merge.py, merge_calibration.py).
+
+On a Conv2d (LoCon: A a k×k conv to rank r, B a 1×1 conv) every product above is the block's projection
+(projections.py) and the algebra is unchanged, because a conv is linear in its flattened weight [out, in·k·k]:
+`bs` is B*A* of the chain's concatenated factors, an exact LoCon of rank (m+1)·r (its blocks share kernel, stride,
+padding and dilation: chains group by them); `is` adds x_{n-1} (same shape) before A_n's conv, `ms` adds the earlier
+blocks' rank-r feature maps A_{n-k}*x_{n-k} (same shape: same input shape and convolution). Their merge replaces an
+earlier input by α × this block's own, A* = A_n·(1+γα) or A_n + γΣα_k A_{n-k}: exact only where x_{n-k} = α x_n at
+every position, so it is an estimate for convs as for attention, and its error is reported the same way.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 if TYPE_CHECKING:
@@ -44,7 +52,8 @@ class Variant:
 
     def branch(self, block: ResLoRABlock, dropped: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The branch before the scale s, from the (dropped-out) input; caches what later blocks of the chain read."""
-        return F.linear(F.linear(dropped, block.lora_A), block.lora_B)
+        projection = block.projection
+        return projection.up(projection.down(dropped, block.lora_A), block.lora_B)
 
     def exact_factors(self, block: ResLoRABlock) -> Factors:
         """(B*, A*) with the weight change s·B*A* (for variants whose merge is exact)."""
@@ -76,15 +85,16 @@ class InputShortcut(Variant):
         return earlier[:1] if pre_num != 0 else []
 
     def branch(self, block, dropped, x):
-        hidden = F.linear(dropped, block.lora_A)
+        projection = block.projection
+        hidden = projection.down(dropped, block.lora_A)
         if block.has_shortcut:
             previous_input = block.cached_from(block.previous[0], x.shape)
             # A_n x_n + A_n x_{n-1}: two small products instead of a new full-size sum kept for backward.
-            shortcut = F.linear(block.dropout(block.branch_input(previous_input)), block.lora_A)
+            shortcut = projection.down(block.dropout(block.branch_input(previous_input)), block.lora_A)
             hidden = hidden + (shortcut if block.shortcut_scale == 1 else block.shortcut_scale * shortcut)
         if block.feeds_later_blocks:
             block.cache_for_later(x)
-        return F.linear(hidden, block.lora_B)
+        return projection.up(hidden, block.lora_B)
 
     def link_downs(self, block):
         return [block.lora_A.detach().float()]
@@ -101,14 +111,15 @@ class MiddleShortcut(Variant):
     reads_earlier_inputs = True
 
     def branch(self, block, dropped, x):
-        own = F.linear(dropped, block.lora_A)
+        projection = block.projection
+        own = projection.down(dropped, block.lora_A)
         hidden = own
         if block.has_shortcut:
             earlier = sum(block.cached_from(previous, own.shape) for previous in block.previous)
             hidden = hidden + (earlier if block.shortcut_scale == 1 else block.shortcut_scale * earlier)
         if block.feeds_later_blocks:
             block.cache_for_later(own)  # the rank-r A·x, much smaller than x
-        return F.linear(hidden, block.lora_B)
+        return projection.up(hidden, block.lora_B)
 
     def link_downs(self, block):
         return [previous.lora_A.detach().float() for previous in block.previous]
@@ -124,16 +135,17 @@ class BlockShortcut(Variant):
     res_type = "bs"
 
     def branch(self, block, dropped, x):
-        factors = chain_parameters(block)
-        tokens, chain_rank = dropped.numel() // block.in_features, block.rank * len(factors) // 2
+        factors, projection = chain_parameters(block), block.projection
+        tokens, chain_rank = projection.positions(dropped), block.rank * len(factors) // 2
         if bs_dense_is_cheaper(tokens, block.in_features, block.out_features, chain_rank):
             up, down = concatenated(*factors)
-            return F.linear(dropped, up @ down)
+            return projection.dense(dropped, up @ down)
+        low_rank = functools.partial(bs_low_rank, projection)
         if len(factors) > 2 and torch.is_grad_enabled():
             # Storing the tokens × (m+1)·r down-projection for backward would keep (m+1)× what a LoRA keeps:
             # recompute it in backward instead, from x (held anyway) and the parameters.
-            return checkpoint(bs_low_rank, dropped, *factors, use_reentrant=False, preserve_rng_state=False)
-        return bs_low_rank(dropped, *factors)
+            return checkpoint(low_rank, dropped, *factors, use_reentrant=False, preserve_rng_state=False)
+        return low_rank(dropped, *factors)
 
     def exact_factors(self, block):
         if block.previous and block.shortcut_scale != 0:
@@ -165,10 +177,10 @@ def concatenated(*factors: torch.Tensor) -> Factors:
     return torch.cat(factors[1::2], dim=1), torch.cat(factors[0::2], dim=0)
 
 
-def bs_low_rank(x: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
-    """B*(A* x) for factors (A_n, B_n, A_{n-1}, B_{n-1}, …)."""
+def bs_low_rank(projection, x: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
+    """B*(A* x) for factors (A_n, B_n, A_{n-1}, B_{n-1}, …), through the block's projection (Linear or conv)."""
     up, down = concatenated(*factors)
-    return F.linear(F.linear(x, down), up)
+    return projection.up(projection.down(x, down), up)
 
 
 def bs_dense_is_cheaper(tokens: int, in_features: int, out_features: int, rank: int) -> bool:

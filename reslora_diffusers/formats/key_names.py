@@ -1,4 +1,4 @@
-"""Names of the Linear layers a LoRA targets: canonical ``"<component>.<path>"`` keys and kohya names.
+"""Names of the layers a LoRA targets (attention / feed-forward Linears, ResNet and sampler Conv2ds): canonical ``"<component>.<path>"`` keys and kohya names.
 
 kohya sd-scripts ``networks/lora.py``: ``lora_name = prefix + "." + module path``, then ``"." -> "_"``. Its
 text encoders are transformers-4 CLIP models whose paths start with ``text_model.``. For SD-1.x / 2.x the
@@ -23,19 +23,23 @@ SDXL_KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_en
 # transformers >= 5 flattened CLIPTextModel (no `text_model.`); kohya, ComfyUI, A1111 and LDM names keep it.
 CLIP_WRAPPER = "text_model."
 
-# Linear layers a LoRA may target, in the canonical (diffusers / transformers-5) naming.
-_UNET_LINEAR = re.compile(
+# Layers a LoRA may target, in the canonical (diffusers / transformers-5) naming: the UNet's attention and
+# feed-forward Linears, and (LoCon) its ResNet blocks' and samplers' Conv2ds.
+_UNET_LAYER = re.compile(
     r"(?:down_blocks\.\d+|up_blocks\.\d+|mid_block)\.attentions\.\d+\.transformer_blocks\.\d+\."
     r"(?:attn[12]\.(?:to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2)"
+    r"|(?:down_blocks\.\d+|up_blocks\.\d+|mid_block)\.resnets\.\d+\.(?:conv1|conv2|conv_shortcut)"
+    r"|down_blocks\.\d+\.downsamplers\.0\.conv|up_blocks\.\d+\.upsamplers\.0\.conv"
 )
+_UNET_CONV = re.compile(r".*\.(?:resnets\.\d+\.(?:conv1|conv2|conv_shortcut)|(?:down|up)samplers\.0\.conv)")
 _TE_LINEAR = re.compile(r"encoder\.layers\.\d+\.(?:self_attn\.(?:q_proj|k_proj|v_proj|out_proj)|mlp\.fc[12])")
-_LINEAR_PATTERN = {"unet": _UNET_LINEAR, "text_encoder": _TE_LINEAR, "text_encoder_2": _TE_LINEAR}
+_LAYER_PATTERN = {"unet": _UNET_LAYER, "text_encoder": _TE_LINEAR, "text_encoder_2": _TE_LINEAR}
 # Every name segment of those paths (diffusers and LDM UNet names) that itself contains "_", so a kohya
 # name can be split back into segments.
 _KOHYA_SEGMENTS = sorted(
     {
         "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
-        "input_blocks", "middle_block", "output_blocks",
+        "conv_shortcut", "input_blocks", "middle_block", "output_blocks", "in_layers", "out_layers", "skip_connection",
         "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj",
     },
     key=len,
@@ -58,10 +62,10 @@ def canonical_key(key: str) -> tuple[str, str]:
         )
     if component in TEXT_COMPONENTS:
         path = path.removeprefix(CLIP_WRAPPER)
-    if not _LINEAR_PATTERN[component].fullmatch(path):
+    if not _LAYER_PATTERN[component].fullmatch(path):
         raise ValueError(
-            f"LoRA key {key!r}: {path!r} is not a supported Linear layer of the {component} "
-            f"(expected a path matching {_LINEAR_PATTERN[component].pattern!r})"
+            f"LoRA key {key!r}: {path!r} is not a supported layer of the {component} "
+            f"(expected a path matching {_LAYER_PATTERN[component].pattern!r})"
         )
     return component, path
 
@@ -116,8 +120,17 @@ def kohya_name_to_key(name: str, unet_config=None) -> str:
     try:
         component, path = canonical_key(f"{component}.{path}")
     except ValueError as err:
-        raise ValueError(f"kohya LoRA name {name!r} does not name a supported Linear layer ({err})") from None
+        raise ValueError(f"kohya LoRA name {name!r} does not name a supported layer ({err})") from None
     return f"{component}.{path}"
+
+
+def check_layer_kind(key: str, f: LoRAFactors) -> None:
+    """A Conv2d's factors must be LoCon's (4-D), a Linear's matrices: loaders would otherwise refuse or misapply them."""
+    component, path = canonical_key(key)
+    conv = component == "unet" and bool(_UNET_CONV.fullmatch(path))
+    if conv != f.is_conv:
+        want = "LoCon factors (down [rank, in, kh, kw], up [out, rank, 1, 1])" if conv else "2-D Linear factors"
+        raise ValueError(f"LoRA key {key!r} names a {'Conv2d' if conv else 'Linear'} layer: it needs {want}")
 
 
 def canonical_factors(factors: Mapping[str, LoRAFactors]) -> dict[tuple[str, str], LoRAFactors]:
@@ -129,6 +142,7 @@ def canonical_factors(factors: Mapping[str, LoRAFactors]) -> dict[tuple[str, str
         if not isinstance(f, LoRAFactors):
             raise ValueError(f"factors[{key!r}] is a {type(f).__name__}, expected LoRAFactors")
         canonical = canonical_key(key)
+        check_layer_kind(key, f)
         if canonical in out:
             raise ValueError(f"LoRA key {key!r} names the same module as another key")
         out[canonical] = f

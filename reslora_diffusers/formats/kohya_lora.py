@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,7 +14,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from reslora_diffusers.formats.key_names import canonical_factors, is_sdxl_unet, kohya_name, kohya_name_to_key
+from reslora_diffusers.formats.key_names import (
+    canonical_factors,
+    check_layer_kind,
+    is_sdxl_unet,
+    kohya_name,
+    kohya_name_to_key,
+)
 from reslora_diffusers.formats.ldm_names import config_get
 from reslora_diffusers.formats.lora_factors import LoRAFactors
 from reslora_diffusers.formats.safetensors_files import atomic_save, check_string_metadata, require_suffix
@@ -74,7 +81,9 @@ def save_kohya_lora(
     """Write a kohya-style LoRA for kohya sd-scripts, A1111, ComfyUI and diffusers.
 
     Module names follow sd-scripts: SD-1.x / 2.x ``lora_unet_<diffusers path>`` / ``lora_te_...``; SDXL (when
-    ``unet_config`` is an SDXL UNet's) ``lora_unet_<LDM path>`` / ``lora_te1_...`` / ``lora_te2_...``.
+    ``unet_config`` is an SDXL UNet's) ``lora_unet_<LDM path>`` / ``lora_te1_...`` / ``lora_te2_...``. Conv
+    modules are LoCon's (``lora_down`` [r, in, kh, kw], ``lora_up`` [out, r, 1, 1]), as sd-scripts' ``conv_dim`` and
+    LyCORIS write them.
     Every module gets the same ``.alpha`` and its own scale folded into ``lora_up``: diffusers applies one
     alpha to every module of a kohya file, so per-module alphas (a ``bs`` merge's rank grows along each chain)
     would reach it at the wrong strength; with one alpha every loader applies the exact delta.
@@ -100,21 +109,28 @@ def save_kohya_lora(
         tensors[f"{name}.lora_up.weight"] = up
         tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
 
-    ranks = {f.rank for f in canonical.values()}
+    # kohya's resize_lora writes "Dynamic" when modules have different ranks; conv (LoCon) modules have their own.
+    linear_ranks = {f.rank for f in canonical.values() if not f.is_conv}
+    conv_ranks = {f.rank for f in canonical.values() if f.is_conv}
     generated = {
         "ss_network_module": "networks.lora",
-        # kohya's resize_lora writes "Dynamic" when modules have different ranks.
-        "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
+        "ss_network_dim": _rank_label(linear_ranks or conv_ranks),
         "ss_network_alpha": str(alpha),
         "ss_base_model_version": base_model_version,
         "ss_v2": str(base_model_version == "sd_v2"),
     }
+    if conv_ranks:  # sd-scripts records conv_dim / conv_alpha in its network args
+        generated["ss_network_args"] = json.dumps({"conv_dim": _rank_label(conv_ranks), "conv_alpha": str(alpha)})
     user = check_string_metadata(metadata)
     for key, value in user.items():
         if key in generated and value != generated[key]:
             raise ValueError(f"metadata {key}={value!r} contradicts the file, which holds {key}={generated[key]!r}")
     header = {"ss_output_name": path.stem, **user, **generated}
     return atomic_save(tensors, path, header)
+
+
+def _rank_label(ranks: set[int]) -> str:
+    return str(next(iter(ranks))) if len(ranks) == 1 else "Dynamic"
 
 
 def load_kohya_lora(path, unet_config=None) -> dict[str, LoRAFactors]:
@@ -138,5 +154,11 @@ def load_kohya_lora(path, unet_config=None) -> dict[str, LoRAFactors]:
             raise ValueError(f"{path}: module {name!r} lacks lora_down.weight or lora_up.weight")
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
         alpha = float(parts["alpha"].item()) if "alpha" in parts else float(down.shape[0])
-        out[kohya_name_to_key(name, unet_config)] = LoRAFactors(down=down, up=up, alpha=alpha)
+        try:
+            factors = LoRAFactors(down=down, up=up, alpha=alpha)
+            key = kohya_name_to_key(name, unet_config)
+            check_layer_kind(key, factors)
+        except ValueError as err:
+            raise ValueError(f"{path}: module {name!r}: {err}") from None
+        out[key] = factors
     return out

@@ -57,15 +57,16 @@ def truncate_rank(f: LoRAFactors, rank: int) -> tuple[LoRAFactors, float]:
     scale = f.alpha / f.down.shape[0]
     if f.down.shape[0] <= rank:
         return f, 1.0
-    q_up, r_up = torch.linalg.qr(f.up.double())
-    q_down, r_down = torch.linalg.qr(f.down.double().T)
+    flat_up, flat_down = f.matrices()  # a conv's LoCon factors as matrices of its flattened weight
+    q_up, r_up = torch.linalg.qr(flat_up.double())
+    q_down, r_down = torch.linalg.qr(flat_down.double().T)
     u, s, vh = torch.linalg.svd(scale * r_up @ r_down.T)
     energy = float((s[:rank].square().sum() / s.square().sum()).item()) if s.square().sum() > 0 else 1.0
     root = s[:rank].sqrt()
     up = (q_up @ u[:, :rank]) * root
     down = root[:, None] * (vh[:rank] @ q_down.T)
     # Scale 1: alpha equals the new rank.
-    return LoRAFactors(down=down.float().contiguous(), up=up.float().contiguous(), alpha=float(rank)), energy
+    return f.with_matrices(up.float(), down.float(), alpha=float(rank)), energy
 
 
 def truncate_all(factors: dict[str, LoRAFactors], rank: int) -> tuple[dict[str, LoRAFactors], dict[str, float]]:

@@ -35,7 +35,7 @@ class BlockStatistics:
 
     def __init__(self, adapter: ResLoRAAdapter) -> None:
         self.blocks = {name: b for name, b in adapter.blocks.items() if b.has_shortcut}
-        self.inputs: dict[str, torch.Tensor] = {}  # the latest input of every block (tokens × in_features, fp32)
+        self.inputs: dict[str, torch.Tensor] = {}  # the latest input of every block (rows × in_features, fp32)
         self.reached: set[str] = set()  # shortcut blocks the calibration ran through
 
     def accumulate(self, name: str, block: ResLoRABlock, x: torch.Tensor) -> None:
@@ -48,7 +48,7 @@ class BlockStatistics:
 
     def hook(self, name: str, block: ResLoRABlock):
         def record(_module, args):
-            x = args[0].detach().float().reshape(-1, block.in_features)
+            x = block.projection.rows(args[0].detach().float())  # tokens (a conv: patches) × in_features
             self.inputs[name] = x
             if name in self.blocks:
                 self.reached.add(name)

@@ -66,6 +66,6 @@ def merge_adapter(
         fitted = {name: stats.calibrated_down(name, joint[name]) for name in stats.blocks}
         for name, down in fitted.items():
             block = adapter.blocks[name]
-            factors[name] = LoRAFactors(down=down.contiguous(), up=block.lora_B.detach().float().cpu().contiguous(), alpha=factors[name].alpha)
+            factors[name] = block.lora_factors(block.lora_B, down)
         report["layer_relative_error_calibrated"] = relative_layer_error(stats, fitted)
     return MergeResult(factors=factors, method=method, alphas=alphas, report=report)

@@ -92,7 +92,8 @@ def model_card(
         f"# {method_name(config)} adapter for `{base_model}`",
         "",
         f"Trained with `train_text_to_image.py` (reslora_diffusers) on `{dataset}`; adapters on the attention "
-        f"projections of the {text_encoder_note}.",
+        f"projections of the {text_encoder_note}"
+        + (" and on the UNet's ResNet convolutions (LoCon)." if config.conv_rank else "."),
         "",
         "## Settings",
         "",
@@ -102,6 +103,10 @@ def model_card(
         f"| res_type / pre_num | `{config.res_type}` / {config.pre_num} |",
         f"| rank / lora_alpha / dropout | {config.rank} / {config.lora_alpha:g} / {config.lora_dropout:g} |",
     ]
+    if config.conv_rank:
+        conv_alpha = config.conv_alpha if config.conv_alpha is not None else config.conv_rank
+        lines.append(f"| conv adapters (LoCon): conv_rank / conv_alpha / targets | {config.conv_rank} / {conv_alpha:g} / "
+                     f"{', '.join(config.conv_targets)} |")  # fmt: skip
     lines += [f"| {key} | {value} |" for key, value in settings.items()]
     if resolved_config is not None:
         lines += [

@@ -11,6 +11,8 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
+from reslora_diffusers.adapters.config import ResLoRAConfig
+
 # OS errors that mean "this cannot be written here" (reported in one line) rather than a bug.
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EFBIG}
 
@@ -115,15 +117,20 @@ def optimizer_settings(args) -> dict[str, object]:
     return settings
 
 
+ADAPTER_DEFAULTS = ResLoRAConfig().to_dict()
+
+
 def settings_mismatch(saved: Mapping[str, object], current: Mapping[str, object]) -> list[str]:
     """'name: saved → current' for every setting both record with different values."""
     differences = []
     for key in sorted(set(saved) & set(current)):
         if key == "adapter":
+            # A field a checkpoint predates (e.g. conv_rank) was at its default then: off, as it is by default now.
+            recorded = {**ADAPTER_DEFAULTS, **saved[key]}
             differences += [
-                f"{name}: {saved[key].get(name)!r} → {value!r}"
+                f"{name}: {recorded.get(name)!r} → {value!r}"
                 for name, value in current[key].items()
-                if saved[key].get(name) != value
+                if recorded.get(name) != value
             ]
         elif saved[key] != current[key]:
             differences.append(f"{key}: {saved[key]!r} → {current[key]!r}")
