@@ -425,6 +425,7 @@ def check_arguments(args, error) -> None:
     except ValueError as config_error:
         message = str(config_error).replace("res_type='none'", "--res_type none").replace("lora_dropout=0", "--lora_dropout 0")
         message = message.replace("conv_alpha is", "--conv_alpha is").replace("set conv_rank", "set --conv_rank")
+        message = message.replace("conv_alpha must be", "--conv_alpha must be")
         error(message)
 
 

@@ -189,6 +189,8 @@ def test_conv_adapters_save_and_load_onto_a_fresh_base(tmp_path):
         ({"conv_rank": -1}, "conv_rank must be"),
         ({"conv_alpha": 4.0}, "set conv_rank"),
         ({"conv_rank": 2, "conv_alpha": 0.0}, "conv_alpha must be"),
+        ({"conv_rank": 2, "conv_alpha": float("inf")}, "conv_alpha must be > 0 and finite"),
+        ({"lora_alpha": float("inf")}, "lora_alpha must be > 0 and finite"),
         ({"conv_rank": 2, "conv_targets": ("time_emb_proj",)}, "conv_targets must be among"),
     ],
 )
@@ -377,6 +379,7 @@ def test_training_with_conv_rank_trains_and_exports_locon(tiny, tmp_path, capsys
     [
         (["--conv_alpha", "4"], "error: --conv_alpha is the scale of the conv adapters: set --conv_rank > 0 too (see --help)"),
         (["--conv_rank", "-2"], "error: --conv_rank must be >= 0 (0: no conv adapters), got -2 (see --help)"),
+        (["--conv_rank", "2", "--conv_alpha", "0"], "error: --conv_alpha must be > 0 and finite, got 0.0 (see --help)"),
     ],
 )
 def test_bad_conv_flags_are_one_line(tiny, tmp_path, capsys, flags, message):
@@ -422,3 +425,27 @@ def test_an_sd2_shaped_unet_takes_conv_adapters_and_exports_them_as_sd_v2(tmp_pa
     with safe_open(str(path), "pt") as f:
         assert f.metadata()["ss_base_model_version"] == "sd_v2"
     assert "lora_unet_up_blocks_1_resnets_1_conv2.lora_down.weight" in load_file(str(path))
+
+
+def test_calibrated_merge_keeps_wide_conv_blocks_at_the_joint_alpha_merge(monkeypatch):
+    """Σxxᵀ of a conv block is [in·9]²: 4.2 GB in float64 for SD-1.5's 2,560-channel conv1s, 28 GB for one adapter.
+    Blocks wider than MAX_FITTED_FEATURES keep rank-r statistics only and get the lstsq_joint merge, reported."""
+    from reslora_diffusers.merge import calibration
+
+    monkeypatch.setattr(calibration, "MAX_FITTED_FEATURES", 200)  # the tiny UNet's 16-channel convs fit, 32-channel ones not
+    unet = tiny_unet()
+    adapter = apply_reslora(unet, ResLoRAConfig(res_type="ms", rank=2, conv_rank=3, unet_targets=()))
+    perturb_adapter(adapter, std=0.05)
+    inputs = unet_inputs()
+    run = lambda: run_unet(unet, inputs)
+    stats = calibration.collect_layer_statistics(adapter, run)
+    wide = [name for name in stats.blocks if not stats.fits(name)]
+    assert wide and len(wide) < len(stats.blocks)
+    assert all("xx" not in stats.sums[name] and "xx" in stats.sums[other] for name in wide for other in set(stats.blocks) - set(wide))
+    joint = merge_adapter(adapter, "lstsq_joint", calibration=run)
+    calibrated = merge_adapter(adapter, "calibrated", calibration=run)
+    assert calibrated.report["calibrated_blocks_merged_by_lstsq_joint"] == len(wide)
+    for name in stats.blocks:
+        same = torch.equal(calibrated.factors[name].down, joint.factors[name].down)
+        assert same == (name in wide), name
+    assert 0 < calibrated.report["layer_relative_error_calibrated"] < calibrated.report["layer_relative_error_lstsq_joint"]

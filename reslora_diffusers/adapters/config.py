@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -16,7 +17,8 @@ MERGE_METHODS: tuple[str, ...] = ("input", "weight", "lstsq", "lstsq_joint", "ca
 DEFAULT_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DEFAULT_TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 # Conv2d layers of the UNet's ResNet blocks that get a LoCon adapter when conv_rank > 0 (kohya's conv_dim targets
-# their 3×3 convs); "conv_shortcut" (1×1) and "conv" (the down- / upsamplers' 3×3) may be added.
+# their 3×3 convs); "conv_shortcut" (1×1) and "conv" (the down- / upsamplers' 3×3) may be added, at conv_rank too
+# (sd-scripts trains the 1×1 conv_shortcut at its network_dim instead).
 DEFAULT_CONV_TARGETS = ("conv1", "conv2")
 CONV_TARGETS = ("conv1", "conv2", "conv_shortcut", "conv")
 
@@ -80,16 +82,16 @@ class ResLoRAConfig:
             raise ValueError(f"res_type must be one of {RES_TYPES}, got {self.res_type!r}")
         if not isinstance(self.rank, int) or self.rank <= 0:
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
-        if self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        if not 0 < self.lora_alpha < math.inf:
+            raise ValueError(f"lora_alpha must be > 0 and finite, got {self.lora_alpha!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if not isinstance(self.pre_num, int) or self.pre_num < -1:
             raise ValueError(f"pre_num must be -1 (all previous blocks) or >= 0, got {self.pre_num!r}")
         if isinstance(self.conv_rank, bool) or not isinstance(self.conv_rank, int) or self.conv_rank < 0:
             raise ValueError(f"conv_rank must be a whole number >= 0 (0: no conv adapters), got {self.conv_rank!r}")
-        if self.conv_alpha is not None and not self.conv_alpha > 0:
-            raise ValueError(f"conv_alpha must be > 0, got {self.conv_alpha!r}")
+        if self.conv_alpha is not None and not 0 < self.conv_alpha < math.inf:
+            raise ValueError(f"conv_alpha must be > 0 and finite, got {self.conv_alpha!r}")
         if self.conv_alpha is not None and not self.conv_rank:
             raise ValueError("conv_alpha is the scale of the conv adapters: set conv_rank > 0 too")
         unknown = sorted(set(self.conv_targets) - set(CONV_TARGETS))

@@ -139,5 +139,8 @@ def projection_from_dict(in_features: int, out_features: int, data: dict) -> Pro
     conv = data.get("conv")
     if conv is None:
         return LinearProjection(in_features, out_features)
-    pairs = {key: tuple(conv[key]) for key in ("kernel_size", "stride", "padding", "dilation")}
-    return ConvProjection(int(conv["in_channels"]), out_features, **pairs)
+    try:
+        pairs = {key: tuple(int(v) for v in conv[key]) for key in ("kernel_size", "stride", "padding", "dilation")}
+        return ConvProjection(int(conv["in_channels"]), out_features, **pairs)
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"a layer's \"conv\" entry is incomplete or malformed: {conv!r}") from None

@@ -93,7 +93,7 @@ class ShortcutStatistics(BlockStatistics):
     def accumulate(self, name: str, block: ResLoRABlock, x: torch.Tensor) -> None:
         up = block.lora_B.detach().float()
         for k, (previous, down) in enumerate(zip(block.previous, block.variant.link_downs(block))):
-            target = (self.inputs[previous.name] @ down.T) @ up.T
+            target = (self.rows_of(previous) @ down.T) @ up.T
             approx = (x @ down.T) @ up.T
             self.cross[name][k] += float((target * approx).sum())
             self.square[name][k] += float(approx.square().sum())

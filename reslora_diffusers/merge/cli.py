@@ -35,6 +35,7 @@ from reslora_diffusers.merge import (
     relative_error,
     truncate_all,
 )
+from reslora_diffusers.merge.calibration import MAX_FITTED_FEATURES
 from reslora_diffusers.pipeline_io import UserInputError, load_pipeline, quiet_libraries
 from reslora_diffusers.training.run_folder import nested_output_error
 from reslora_diffusers.training.run_safety import WRITE_ERRORS, factor_tensors, require_finite
@@ -217,6 +218,9 @@ def print_report(report: dict) -> None:
             f"{'-' if text_error is None else f'{text_error:.2e}':>12} "
             f"{'-' if psnr is None else ('inf' if math.isinf(psnr) else f'{psnr:.1f} dB'):>11}{mark}"
         )
+    kept = report["methods"].get("calibrated", {}).get("calibrated_blocks_merged_by_lstsq_joint")
+    if kept:
+        print(f"calibrated: {kept} blocks wider than {MAX_FITTED_FEATURES} input features (convs) keep the lstsq_joint merge")
 
 
 # LoRA files first: the merged formats bake the factors into the base, once, for all of them.

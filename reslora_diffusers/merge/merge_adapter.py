@@ -60,12 +60,16 @@ def merge_adapter(
     alphas = exact_shared_input_alphas(adapter, alphas)
     factors = {name: adapter.blocks[name].merged_lora_factors(alphas.get(name)) for name in adapter.blocks}
     if method in ("lstsq_joint", "calibrated"):
-        joint = {name: alpha_merged_down(block, alphas[name]) for name, block in stats.blocks.items()}
-        report["layer_relative_error_lstsq_joint"] = relative_layer_error(stats, joint)
+        errors = {name: stats.alpha_error(name, alphas[name]) for name in stats.blocks}
+        report["layer_relative_error_lstsq_joint"] = relative_layer_error(errors.values())
     if method == "calibrated":
-        fitted = {name: stats.calibrated_down(name, joint[name]) for name in stats.blocks}
-        for name, down in fitted.items():
-            block = adapter.blocks[name]
-            factors[name] = block.lora_factors(block.lora_B, down)
-        report["layer_relative_error_calibrated"] = relative_layer_error(stats, fitted)
+        kept = sorted(name for name in stats.blocks if not stats.fits(name))  # too wide to fit: the lstsq_joint merge
+        for name, block in stats.blocks.items():
+            if name not in kept:
+                down = stats.calibrated_down(name, alpha_merged_down(block, alphas[name]))
+                factors[name] = block.lora_factors(block.lora_B, down)
+                errors[name] = stats.error(name, down)
+        report["layer_relative_error_calibrated"] = relative_layer_error(errors.values())
+        if kept:
+            report["calibrated_blocks_merged_by_lstsq_joint"] = len(kept)
     return MergeResult(factors=factors, method=method, alphas=alphas, report=report)
