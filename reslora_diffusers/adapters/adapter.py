@@ -26,7 +26,7 @@ from reslora_diffusers.adapters.chains import ProbedLayer, build_chains, predece
 from reslora_diffusers.adapters.config import ResLoRAConfig
 from reslora_diffusers.adapters.delta_lora import DeltaLoRA
 from reslora_diffusers.adapters.processor import ResLoRAAttnProcessor, replaced_processor_error
-from reslora_diffusers.adapters.projections import LinearProjection, projection_of
+from reslora_diffusers.adapters.projections import LinearProjection, Projection
 from reslora_diffusers.adapters.sdxl import probe_added_conditions
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -305,14 +305,13 @@ def _track_forward_passes(model: nn.Module, tracker: ForwardPassTracker, undo: l
 
 
 def _add_blocks(adapter: ResLoRAAdapter, layers: dict[str, nn.Module], tracker: ForwardPassTracker) -> None:
-    """One block per layer ({name: Linear or Conv2d}, in execution order); conv blocks get conv_rank / conv_alpha."""
+    """One block per layer ({name: Linear or Conv2d}, in execution order, probed): conv blocks get conv_rank / conv_alpha."""
     for name, layer in layers.items():
-        adapter.blocks[name] = _new_block(name, layer, adapter.config, tracker)
+        adapter.blocks[name] = _new_block(name, layer, adapter.layers[name].projection, adapter.config, tracker)
         adapter.base_layers[name] = layer
 
 
-def _new_block(name: str, layer: nn.Module, config: ResLoRAConfig, tracker: ForwardPassTracker) -> ResLoRABlock:
-    projection = projection_of(layer, name)
+def _new_block(name: str, layer: nn.Module, projection: Projection, config: ResLoRAConfig, tracker: ForwardPassTracker) -> ResLoRABlock:
     linear = isinstance(projection, LinearProjection)
     return ResLoRABlock(
         name,

@@ -72,13 +72,11 @@ class ResLoRABlock(nn.Module):
         super().__init__()
         self.name = name
         self.projection = projection
-        in_features, out_features = projection.in_features, projection.out_features
-        self.in_features, self.out_features = in_features, out_features
         self.rank, self.scaling, self.res_type = rank, scaling, res_type
         self.variant = variant_of(res_type)
         # Adapters are always fp32, whatever the base dtype: fp16 factors cannot be trained with a GradScaler.
-        self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=torch.float32))
+        self.lora_A = nn.Parameter(torch.empty(rank, projection.in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(projection.out_features, rank, device=device, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # Sliding window of the Frobenius norm of this block's input, for the input-based merge (SPEC §2).
@@ -101,6 +99,14 @@ class ResLoRABlock(nn.Module):
         # `is`, the down-projection A·x (rank r, much smaller than x) for `ms`.
         self.cached: tuple[int, torch.Tensor, bool] | None = None
         self._norm_pass_id = -1
+
+    @property
+    def in_features(self) -> int:
+        return self.projection.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.projection.out_features
 
     @property
     def strength(self) -> float:

@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reslora_diffusers.formats.lora_factors import locon_shapes
+
 
 @dataclass(frozen=True)
 class LinearProjection:
     in_features: int
     out_features: int
-
-    kind = "linear"
 
     def down(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight)
@@ -58,8 +58,6 @@ class ConvProjection:
     stride: tuple[int, int]
     padding: tuple[int, int]
     dilation: tuple[int, int]
-
-    kind = "conv"
 
     @property
     def in_features(self) -> int:
@@ -100,7 +98,7 @@ class ConvProjection:
 
     def file_factors(self, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """LoCon's shapes: lora_up [out, r, 1, 1], lora_down [r, in, kh, kw]."""
-        return up.reshape(*up.shape, 1, 1), down.reshape(down.shape[0], self.in_channels, *self.kernel_size)
+        return locon_shapes(up, down, (self.in_channels, *self.kernel_size))
 
     def to_dict(self) -> dict:
         return {

@@ -124,13 +124,15 @@ def kohya_name_to_key(name: str, unet_config=None) -> str:
     return f"{component}.{path}"
 
 
-def check_layer_kind(key: str, f: LoRAFactors) -> None:
-    """A Conv2d's factors must be LoCon's (4-D), a Linear's matrices: loaders would otherwise refuse or misapply them."""
+def canonical_layer_key(key: str, f: LoRAFactors) -> tuple[str, str]:
+    """`canonical_key`, and the factors' kind checked against the layer's: a Conv2d's must be LoCon's (4-D), a
+    Linear's matrices (loaders would otherwise refuse or misapply them)."""
     component, path = canonical_key(key)
     conv = component == "unet" and bool(_UNET_CONV.fullmatch(path))
     if conv != f.is_conv:
         want = "LoCon factors (down [rank, in, kh, kw], up [out, rank, 1, 1])" if conv else "2-D Linear factors"
         raise ValueError(f"LoRA key {key!r} names a {'Conv2d' if conv else 'Linear'} layer: it needs {want}")
+    return component, path
 
 
 def canonical_factors(factors: Mapping[str, LoRAFactors]) -> dict[tuple[str, str], LoRAFactors]:
@@ -141,8 +143,7 @@ def canonical_factors(factors: Mapping[str, LoRAFactors]) -> dict[tuple[str, str
     for key, f in factors.items():
         if not isinstance(f, LoRAFactors):
             raise ValueError(f"factors[{key!r}] is a {type(f).__name__}, expected LoRAFactors")
-        canonical = canonical_key(key)
-        check_layer_kind(key, f)
+        canonical = canonical_layer_key(key, f)
         if canonical in out:
             raise ValueError(f"LoRA key {key!r} names the same module as another key")
         out[canonical] = f

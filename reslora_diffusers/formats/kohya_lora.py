@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from reslora_diffusers.formats.key_names import (
     canonical_factors,
-    check_layer_kind,
+    canonical_layer_key,
     is_sdxl_unet,
     kohya_name,
     kohya_name_to_key,
@@ -157,7 +157,7 @@ def load_kohya_lora(path, unet_config=None) -> dict[str, LoRAFactors]:
         try:
             factors = LoRAFactors(down=down, up=up, alpha=alpha)
             key = kohya_name_to_key(name, unet_config)
-            check_layer_kind(key, factors)
+            canonical_layer_key(key, factors)
         except ValueError as err:
             raise ValueError(f"{path}: module {name!r}: {err}") from None
         out[key] = factors

@@ -65,8 +65,14 @@ class LoRAFactors:
     def with_matrices(self, up: torch.Tensor, down: torch.Tensor, alpha: float) -> "LoRAFactors":
         """Factors of the same layer from new matrices (e.g. of another rank), in this layer's file shapes."""
         if self.is_conv:
-            up, down = up.reshape(*up.shape, 1, 1), down.reshape(down.shape[0], *self.down.shape[1:])
+            up, down = locon_shapes(up, down, self.down.shape[1:])
         return LoRAFactors(down=down.contiguous(), up=up.contiguous(), alpha=alpha)
+
+
+def locon_shapes(up: torch.Tensor, down: torch.Tensor, kernel: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Matrices (up [out, R], down [R, in·kh·kw]) as LoCon's tensors: up [out, R, 1, 1], down [R, in, kh, kw]
+    (`kernel` = (in, kh, kw)); the flattening is the conv weight's own (`weight.reshape(out, -1)`)."""
+    return up.reshape(*up.shape, 1, 1), down.reshape(down.shape[0], *kernel)
 
 
 def lora_delta(f: LoRAFactors) -> torch.Tensor:

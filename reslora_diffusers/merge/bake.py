@@ -54,13 +54,12 @@ def truncate_rank(f: LoRAFactors, rank: int) -> tuple[LoRAFactors, float]:
     """
     if rank <= 0:
         raise ValueError(f"export rank must be > 0, got {rank}")
-    scale = f.alpha / f.down.shape[0]
-    if f.down.shape[0] <= rank:
+    if f.rank <= rank:
         return f, 1.0
     flat_up, flat_down = f.matrices()  # a conv's LoCon factors as matrices of its flattened weight
     q_up, r_up = torch.linalg.qr(flat_up.double())
     q_down, r_down = torch.linalg.qr(flat_down.double().T)
-    u, s, vh = torch.linalg.svd(scale * r_up @ r_down.T)
+    u, s, vh = torch.linalg.svd(f.scale * r_up @ r_down.T)
     energy = float((s[:rank].square().sum() / s.square().sum()).item()) if s.square().sum() > 0 else 1.0
     root = s[:rank].sqrt()
     up = (q_up @ u[:, :rank]) * root

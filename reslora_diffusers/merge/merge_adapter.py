@@ -63,7 +63,7 @@ def merge_adapter(
         errors = {name: stats.alpha_error(name, alphas[name]) for name in stats.blocks}
         report["layer_relative_error_lstsq_joint"] = relative_layer_error(errors.values())
     if method == "calibrated":
-        kept = sorted(name for name in stats.blocks if not stats.fits(name))  # too wide to fit: the lstsq_joint merge
+        kept = {name for name in stats.blocks if not stats.fits(name)}  # too wide to fit: the lstsq_joint merge
         for name, block in stats.blocks.items():
             if name not in kept:
                 down = stats.calibrated_down(name, alpha_merged_down(block, alphas[name]))
